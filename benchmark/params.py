@@ -1,0 +1,125 @@
+"""Declared parameters: every component says what it takes, so a grid is validated before anything runs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword parameter of a component: its type, default and allowed values."""
+
+    name: str
+    type: type
+    default: Any = _REQUIRED
+    help: str = ""
+    choices: tuple | None = None
+    low: float | None = None  # inclusive bounds
+    high: float | None = None
+    nullable: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+            self.type, self.type.__name__
+        )
+        if self.low is not None and self.high is not None:
+            kind += f" in [{self.low}, {self.high}]"
+        elif self.low is not None:
+            kind += f" >= {self.low}"
+        elif self.high is not None:
+            kind += f" <= {self.high}"
+        return kind + (" or null" if self.nullable else "")
+
+    def coerce(self, value: Any, owner: str) -> Any:
+        bad = ConfigError(f"{owner}: parameter {self.name!r} = {value!r} is invalid; allowed: {self.allowed()}")
+        if value is None:
+            if self.nullable:
+                return None
+            raise bad
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise bad
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+                raise bad
+            value = int(value)
+        elif self.type is float:
+            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise bad from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad
+            value = float(value)
+        elif self.type is str:
+            if not isinstance(value, str):
+                raise bad
+        if self.choices is not None and value not in self.choices:
+            raise bad
+        if self.low is not None and value < self.low:
+            raise bad
+        if self.high is not None and value > self.high:
+            raise bad
+        return value
+
+
+class Component:
+    """Base of every registered component: keyword-only construction from declared parameters.
+
+    Subclasses list their parameters in ``params``; the constructor validates the keywords
+    against them and stores each as an attribute of the same name.
+    """
+
+    params: ClassVar[tuple[Param, ...]] = ()
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name, value in self.validate_params(kwargs).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def owner_name(cls) -> str:
+        return f"{cls.registry_name or cls.__name__}"
+
+    @classmethod
+    def validate_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Check keywords against the declared parameters; fill defaults. Raises ConfigError."""
+        declared = {p.name: p for p in cls.params}
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], list(declared), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{cls.owner_name()}: unknown parameter {unknown[0]!r}.{hint} "
+                f"Allowed: {', '.join(declared) or '(none)'}"
+            )
+        out: dict[str, Any] = {}
+        for p in cls.params:
+            if p.name in given:
+                out[p.name] = p.coerce(given[p.name], cls.owner_name())
+            elif p.required:
+                raise ConfigError(f"{cls.owner_name()}: missing required parameter {p.name!r} ({p.allowed()})")
+            else:
+                out[p.name] = p.default
+        return out
+
+    def get_params(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in self.params}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"

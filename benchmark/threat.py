@@ -1,0 +1,62 @@
+"""The threat model of one-step gradient attacks (FedSGD): the victim computes the gradient of its
+training loss on a private batch with the shared weights; the defense transforms what is shared; the
+attacker sees only the shared update, the model and its weights (plus whatever the task records)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution over classes, mean over the batch (the DLG reference loss).
+    With one-hot labels it equals ``F.cross_entropy``."""
+    return torch.sum(-soft_labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def parameter_gradients(model: nn.Module, x: torch.Tensor, soft_labels: torch.Tensor, *,
+                        create_graph: bool = False) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = soft_cross_entropy(model(x), soft_labels)
+    return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+
+@dataclass
+class AttackTask:
+    """Everything an attacker is given for one attacked update (and nothing about the private batch)."""
+
+    model: nn.Module                      # the shared model with the weights the victim used
+    shared: list[torch.Tensor]            # the update as shared, after the defense
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    batch_size: int                       # the attacker knows how many samples the update came from
+    scale: str = "[0,1]"                  # pixel range of the data
+    labels: torch.Tensor | None = None    # given only when the threat model says labels are known
+    defense_params: dict[str, Any] = field(default_factory=dict)  # public parameters of the defense
+    seed: int = 0
+
+    def knowledge(self) -> dict[str, Any]:
+        return {"labels_known": self.labels is not None, "batch_size": self.batch_size,
+                "shared": "gradient", "defense_public_params": dict(self.defense_params)}
+
+
+@dataclass
+class Reconstruction:
+    """What an attack returns for one task."""
+
+    images: torch.Tensor                  # (N, C, H, W) in the data's scale
+    labels: torch.Tensor | None           # (N,) predicted labels, None if the attack does not infer them
+    steps: int = 0                        # optimiser steps taken
+    closure_evals: int = 0                # objective evaluations (the cost that matters for L-BFGS)
+    grad_distance: float = float("nan")   # final gradient-matching distance (attacker-visible)
+    diverged: bool = False
+    label_method: str = ""                # how labels were obtained (optimised, analytic, given)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# monitor(step, images, labels) -> None; the evaluator's window into an attack's progress (ground truth
+# stays outside the attack).
+Monitor = Callable[[int, torch.Tensor, torch.Tensor | None], None]

@@ -1,0 +1,117 @@
+"""The accuracy column: train the model with the defense applied to every gradient step, then test."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import ImageData
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How the accuracy column is trained. Cheap by default; the ``full`` grid raises it."""
+
+    epochs: int = 3
+    batch_size: int = 32           # a large-batch defense overrides it
+    optimizer: str = "adam"
+    lr: float = 0.01
+    momentum: float = 0.9          # SGD only
+    train_size: int | None = None  # cap on training samples (None: all)
+    test_size: int | None = None   # cap on test samples (None: all)
+    model_params: dict = field(default_factory=dict)  # overrides of the grid model's parameters
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "TrainingConfig":
+        cfg = dict(cfg or {})
+        names = {f.name for f in fields(cls)}
+        extra = sorted(set(cfg) - names)
+        if extra:
+            raise ConfigError(f"accuracy: unknown key {extra[0]!r}; allowed: {', '.join(sorted(names))}")
+        out = cls(**cfg)
+        ints = {"epochs": 0, "batch_size": 1}
+        for key, low in ints.items():
+            v = getattr(out, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"accuracy.{key} = {v!r} is invalid; allowed: an integer >= {low}")
+        for key in ("train_size", "test_size"):
+            v = getattr(out, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"accuracy.{key} = {v!r} is invalid; allowed: an integer >= 1 or null")
+        if out.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"accuracy.optimizer = {out.optimizer!r} is invalid; allowed: 'sgd', 'adam'")
+        for key in ("lr", "momentum"):
+            v = getattr(out, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"accuracy.{key} = {v!r} is invalid; allowed: a number >= 0")
+        if not isinstance(out.model_params, dict):
+            raise ConfigError(f"accuracy.model_params = {out.model_params!r} is invalid; allowed: a mapping")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(model: torch.nn.Module, data: ImageData, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            logits = model(data.images[start:start + batch_size])
+            correct += int((logits.argmax(-1) == data.labels[start:start + batch_size]).sum())
+    return correct / max(1, len(data))
+
+
+def train_with_defense(model: torch.nn.Module, defense, train: ImageData, test: ImageData,
+                       cfg: TrainingConfig, *, seed: int = 0, max_steps: int | None = None) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs`` with every step's update passed through ``defense``
+    (``compute_update`` then ``transform``, exactly what the victim would share), and test it."""
+    started = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    if cfg.train_size is not None and cfg.train_size < len(train):
+        train = train.subset(torch.randperm(len(train), generator=g)[: cfg.train_size])
+    if cfg.test_size is not None and cfg.test_size < len(test):
+        test = test.subset(torch.arange(cfg.test_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    batch_size = defense.victim_batch_size(cfg.batch_size)
+    steps = 0
+    non_finite = False
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(train), generator=g)
+        for start in range(0, len(train), batch_size):
+            idx = order[start:start + batch_size]
+            model.train()
+            x, y = train.images[idx], F.one_hot(train.labels[idx], train.num_classes).float()
+            update = defense.share(model, x, y, generator=g)
+            for p, u in zip(params, update):
+                p.grad = u.to(p.dtype)
+            opt.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            non_finite = True
+            break
+    accuracy = 0.0 if non_finite else evaluate(model, test)
+    out = {
+        "accuracy": accuracy,
+        "train_steps": steps,
+        "train_samples": len(train),
+        "test_samples": len(test),
+        "train_batch_size": batch_size,
+        "train_seconds": round(time.perf_counter() - started, 3),
+        "diverged": non_finite,
+    }
+    privacy = defense.privacy(steps=steps, sample_rate=batch_size / max(1, len(train)))
+    if privacy:
+        out["privacy"] = privacy
+    return out

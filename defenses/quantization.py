@@ -1,0 +1,38 @@
+"""Low-precision sharing (DLG section 5.1, Table 3): round trip through fp16, bf16 or int8."""
+from __future__ import annotations
+
+import torch
+
+from ..params import Param
+from ..registry import register_defense
+from .base import Defense
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def int8_roundtrip(t: torch.Tensor) -> torch.Tensor:
+    """Per-tensor symmetric int8: scale = max|t| / 127, q = round(t / scale) in [-127, 127].
+    The round-trip error per entry is at most scale / 2."""
+    scale = t.abs().max() / 127.0
+    if scale == 0:
+        return t.clone()
+    q = torch.round(t / scale).clamp(-127, 127).to(torch.int8)
+    return q.to(t.dtype) * scale
+
+
+@register_defense("quantization")
+class Quantization(Defense):
+    """Shares the update after a round trip through a low-precision format.
+
+    fp16 saturates at +-65504 rather than overflowing to inf (what a sender scaling its update would
+    see); bf16 has float32's range; int8 is per-tensor symmetric (see ``int8_roundtrip``)."""
+
+    family = "quantization"
+    params = (Param("format", str, "fp16", "number format of the shared update", choices=("fp16", "bf16", "int8")),)
+
+    def transform(self, update, *, generator=None):
+        if self.format == "fp16":
+            return [u.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(u.dtype) for u in update]
+        if self.format == "bf16":
+            return [u.to(torch.bfloat16).to(u.dtype) for u in update]
+        return [int8_roundtrip(u) for u in update]
