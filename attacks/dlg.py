@@ -34,9 +34,10 @@ def _attacker_model(task: AttackTask) -> torch.nn.Module:
 
 def _dummy(task: AttackTask, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1, line 2: dummy inputs and label logits ~ N(0, 1)."""
+    device = next(task.model.parameters()).device
     shape = (task.batch_size, *task.input_shape)
-    x = torch.randn(shape, generator=generator)
-    logits = torch.randn(task.batch_size, task.num_classes, generator=generator)
+    x = torch.randn(shape, generator=generator).to(device)  # drawn on the CPU: the same dummies on any device
+    logits = torch.randn(task.batch_size, task.num_classes, generator=generator).to(device)
     return x, logits
 
 
@@ -98,7 +99,7 @@ class IDLG(Attack):
         g = torch.Generator().manual_seed(task.seed)
         x, _ = _dummy(task, g)
         x.requires_grad_(True)
-        labels = analytic_labels(task)
+        labels = analytic_labels(task).to(x.device)
         onehot = F.one_hot(labels, task.num_classes).float()
         target = [t.detach() for t in task.shared]
         run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target),
@@ -113,13 +114,21 @@ class IDLG(Attack):
 @register_attack("dlg-batched")
 class BatchedDLG(Attack):
     """DLG for a batch of N with the per-sample cyclic update of eq. (5): step i updates only sample
-    i mod N. Each sample has its own L-BFGS state (an L-BFGS history over one sample's variables is
-    meaningless for another's), and ``steps`` counts the cyclic iterations in total."""
+    i mod N. ``steps`` counts the cyclic iterations in total.
+
+    The paper gives no optimiser detail for eq. (5); we read each iteration as one L-BFGS step (lr 1,
+    up to ``max_iter`` evaluations) on sample i mod N alone, started from a fresh state when N > 1:
+    curvature pairs collected on one sample's sub-problem go stale as soon as the other samples move
+    (carrying them made every batch of 2 fail on the embedded digits), while for N = 1 the history
+    stays valid and the attack is exactly DLG. Each cyclic step allows 5 evaluations by default
+    rather than DLG's 20: on 12x12 digits, batches of 2 converged in 2 of 3 cases within about 1,500
+    evaluations with 5, against 1 of 3 within up to 7,000 with 20."""
 
     params = (Param("batch_size", int, 4, "victim batch size attacked (a large-batch defense overrides it)",
                     low=1),
-              *(p if p.name != "steps" else Param("steps", int, 1200, "cyclic iterations in total (paper: 1200)",
-                                                  low=1) for p in _COMMON))
+              *({"steps": Param("steps", int, 1200, "cyclic iterations in total (paper: 1200)", low=1),
+                 "max_iter": Param("max_iter", int, 5, "objective evaluations per cyclic step at most", low=1),
+                 }.get(p.name, p) for p in _COMMON))
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
         model = _attacker_model(task)
@@ -133,7 +142,8 @@ class BatchedDLG(Attack):
             return gradient_distance(model, torch.cat(xs), F.softmax(torch.cat(ls), -1), target)
 
         runs = [LBFGSRun([xs[i], ls[i]], objective, lr=self.lr, max_iter=self.max_iter,
-                         history_size=self.history_size) for i in range(task.batch_size)]
+                         history_size=self.history_size, fresh_each_step=task.batch_size > 1)
+                for i in range(task.batch_size)]
         n = task.batch_size
 
         def snapshot():

@@ -29,13 +29,15 @@ class LBFGSRun:
     (lr 1, max_iter 20 per step, history 100) unless told otherwise."""
 
     def __init__(self, variables: list[torch.Tensor], objective: Callable[[], torch.Tensor], *,
-                 lr: float = 1.0, max_iter: int = 20, history_size: int = 100) -> None:
+                 lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
+                 fresh_each_step: bool = False) -> None:
         self.variables = variables
         self.objective = objective
         self.optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter, history_size=history_size)
         self.closure_evals = 0
         self.distance = math.inf
         self.diverged = False
+        self.fresh_each_step = fresh_each_step
 
     def closure(self) -> torch.Tensor:
         self.optimizer.zero_grad()
@@ -51,6 +53,8 @@ class LBFGSRun:
     def step(self) -> bool:
         """One L-BFGS step; returns False once the run has diverged (non-finite distance or variables)."""
         saved = [v.detach().clone() for v in self.variables]
+        if self.fresh_each_step:
+            self.optimizer.state.clear()  # start this step's L-BFGS history afresh
         self.optimizer.step(self.closure)
         finite = math.isfinite(self.distance) and all(bool(torch.isfinite(v).all()) for v in self.variables)
         if not finite:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .data import ImageData
 from .errors import ConfigError
+from .models import output_width
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def train_with_defense(model: torch.nn.Module, defense, train: ImageData, test: 
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     batch_size = defense.victim_batch_size(cfg.batch_size)
+    width = output_width(model, train.shape)
     steps = 0
     non_finite = False
     for _ in range(cfg.epochs):
@@ -90,7 +92,7 @@ def train_with_defense(model: torch.nn.Module, defense, train: ImageData, test: 
         for start in range(0, len(train), batch_size):
             idx = order[start:start + batch_size]
             model.train()
-            x, y = train.images[idx], F.one_hot(train.labels[idx], train.num_classes).float()
+            x, y = train.images[idx], F.one_hot(train.labels[idx], width).float()
             update = defense.share(model, x, y, generator=g)
             for p, u in zip(params, update):
                 p.grad = u.to(p.dtype)

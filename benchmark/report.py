@@ -1,0 +1,158 @@
+"""Accuracy-vs-defendability tables (like Table 3 of the DLG paper) and reconstruction grids,
+rendered from ``results.jsonl`` alone, so ``leakbench report DIR`` can redo them at any time."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError
+from .results import ResultsStore, atomic_write_text
+
+DEFENDED, LEAKS = "✓", "✗"
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        m = r["metrics"]
+        rows.append({
+            "dataset": r["dataset"], "model": r["model"], "seed": r["seed"],
+            "attack": r["attack"], "attack_params": json.dumps(r["attack_params"], sort_keys=True),
+            "defense": r["defense_label"], "family": r["defense_family"],
+            "accuracy": r.get("accuracy"), "epsilon": (r.get("privacy") or {}).get("epsilon"),
+            "leak_rate": m["leak_rate"], "psnr": m["psnr_median"], "ssim": m["ssim_median"],
+            "mse": m["mse_median"], "label_accuracy": m.get("label_accuracy"),
+            "recovered_rate": m.get("recovered_rate"), "closure_evals": m.get("closure_evals_mean"),
+            "max_leak_rate": r["verdict"]["max_leak_rate"], "rule": r["verdict"]["rule"],
+            "wall_seconds": r.get("wall_seconds"),
+        })
+    return pd.DataFrame(rows)
+
+
+def summary_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (dataset, model, defense setting, attack), pooled over seeds."""
+    df = records_frame(records)
+    keys = ["dataset", "model", "defense", "attack"]
+    order = {k: list(dict.fromkeys(df[k])) for k in keys}  # keep the grid's order
+    agg = df.groupby(keys, sort=False).agg(
+        accuracy=("accuracy", "mean"), epsilon=("epsilon", "max"), leak_rate=("leak_rate", "mean"),
+        psnr=("psnr", "median"), ssim=("ssim", "median"), label_accuracy=("label_accuracy", "mean"),
+        recovered_rate=("recovered_rate", "mean"), closure_evals=("closure_evals", "mean"),
+        max_leak_rate=("max_leak_rate", "first"), seeds=("seed", "nunique"), family=("family", "first"),
+    ).reset_index()
+    agg["defended"] = agg["leak_rate"] <= agg["max_leak_rate"]
+    for k in keys:
+        agg[k] = pd.Categorical(agg[k], categories=order[k], ordered=True)
+    return agg.sort_values(keys).reset_index(drop=True)
+
+
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def defendability_table(records: list[dict]) -> pd.DataFrame:
+    """The wide Table-3 layout: a row per defense setting, accuracy, then per attack the leak rate,
+    the median PSNR and the verdict (✓ defends, ✗ leaks)."""
+    s = summary_frame(records)
+    multi = s[["dataset", "model"]].drop_duplicates().shape[0] > 1
+    rows = []
+    for (dataset, model, defense), part in s.groupby(["dataset", "model", "defense"], sort=False, observed=True):
+        row = {}
+        if multi:
+            row["data / model"] = f"{dataset} / {model}"
+        row["defense"] = str(defense)
+        row["accuracy"] = _pct(part["accuracy"].iloc[0])
+        eps = part["epsilon"].dropna()
+        if s["epsilon"].notna().any():
+            row["epsilon"] = f"{eps.iloc[0]:.3g}" if len(eps) else "–"
+        for _, r in part.iterrows():
+            a = str(r["attack"])
+            row[f"{a} leak"] = _pct(r["leak_rate"])
+            row[f"{a} PSNR"] = f"{r['psnr']:.1f}"
+            row[f"{a} defends"] = DEFENDED if r["defended"] else LEAKS
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def render(out_dir: str | Path, *, images: bool = True) -> str:
+    """Write table.md, table.csv, table.tex (and reconstruction PNGs) into ``out_dir``; return the
+    Markdown table with its legend."""
+    out = Path(out_dir)
+    records = ResultsStore(out / "results.jsonl").records()
+    if not records:
+        raise ConfigError(f"no finished cells in {out / 'results.jsonl'}; run `leakbench run --out {out}` first")
+    table = defendability_table(records)
+    from tabulate import tabulate
+
+    rule = records[0]["verdict"]["rule"]
+    grid = records[0].get("grid", "")
+    md = tabulate(table, headers="keys", tablefmt="github", showindex=False)
+    legend = (f"\nGrid `{grid}`, {len(records)} cells. Accuracy: test accuracy of the model trained with the "
+              f"defense on every step (for protocol defenses such as dssgd-dp: the global model of the "
+              f"collaborative protocol run under it). Leak: fraction of attacked samples reconstructed recognisably "
+              f"({rule}). PSNR: median over samples, dB. {DEFENDED} defends, {LEAKS} leaks.\n")
+    atomic_write_text(out / "table.md", md + "\n" + legend)
+    atomic_write_text(out / "table.csv", table.to_csv(index=False))
+    atomic_write_text(out / "table.tex", tabulate(table, headers="keys", tablefmt="latex_booktabs",
+                                                  showindex=False) + "\n")
+    summary_frame(records).to_csv(out / "summary.csv", index=False)
+    if images:
+        render_reconstructions(out, records)
+    return md + "\n" + legend
+
+
+def render_reconstructions(out: Path, records: list[dict], max_samples: int = 8) -> list[Path]:
+    """One PNG per attack: originals on top, then a row of matched reconstructions per defense setting
+    (first dataset, model and seed of the grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    first = records[0]
+    for attack in dict.fromkeys(r["attack"] for r in records):
+        rows = [r for r in records if r["attack"] == attack and r["dataset"] == first["dataset"]
+                and r["model"] == first["model"] and r["seed"] == first["seed"]]
+        loaded = []
+        for r in rows:
+            path = out / "reconstructions" / f"{r['key']}.npz"
+            if path.exists():
+                with np.load(path) as z:
+                    loaded.append((r, z["originals"][:max_samples], z["reconstructions"][:max_samples]))
+        if not loaded:
+            continue
+        n = max(len(o) for _, o, _ in loaded)
+        fig, axes = plt.subplots(len(loaded) + 1, n, figsize=(1.2 * n + 1.8, 1.2 * (len(loaded) + 1)),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.set_xticks([]), ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+
+        def show(ax, img):
+            img = np.clip(img, 0, 1)
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(np.transpose(img, (1, 2, 0)))
+
+        for j, img in enumerate(loaded[0][1]):
+            show(axes[0, j], img)
+        axes[0, 0].set_ylabel("original", rotation=0, ha="right", va="center", fontsize=7)
+        for i, (r, _, recon) in enumerate(loaded, start=1):
+            for j, img in enumerate(recon):
+                show(axes[i, j], img)
+            mark = DEFENDED if r["verdict"]["defended"] else LEAKS
+            axes[i, 0].set_ylabel(f"{r['defense_label']} {mark}", rotation=0, ha="right", va="center", fontsize=7)
+        fig.suptitle(f"{attack} on {first['dataset']} / {first['model']}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"reconstructions_{attack}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,269 @@
+"""Runs a grid: every cell attacks ``targets`` private batches under one defense setting, scores the
+reconstructions, joins the (cached) accuracy of training under that defense, and appends one record."""
+from __future__ import annotations
+
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import ImageData
+from .grid import Cell, ComponentSpec, Grid, config_hash
+from .metrics import match_reconstructions, score_reconstruction
+from .models import output_width
+from .registry import ATTACKS, DATASETS, DEFENSES, MODELS
+from .results import ResultsStore, atomic_write_bytes, atomic_write_text
+from .threat import AttackTask
+
+CONVERGED_MSE = 1e-3  # a batch counts as recovered once every matched sample is below this MSE
+
+
+def library_versions() -> dict[str, str]:
+    import datasets
+    import sklearn
+
+    return {"leakbench": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "datasets": datasets.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any JSON-able parts (the same everywhere, unlike ``hash``)."""
+    return int(config_hash(list(parts))[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path
+    data_dir: str | None = None
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Runner:
+    grid: Grid
+    options: RunOptions
+    _data: dict[str, ImageData] = field(default_factory=dict)
+
+    # -- paths -------------------------------------------------------------------------------------
+    @property
+    def store(self) -> ResultsStore:
+        return ResultsStore(self.options.out_dir / "results.jsonl")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.options.cache_dir or (self.options.out_dir / "cache")
+
+    # -- shared work -------------------------------------------------------------------------------
+    def dataset(self, spec: ComponentSpec, split: str) -> ImageData:
+        key = json.dumps([spec.name, spec.params, split], sort_keys=True)
+        if key not in self._data:
+            self._data[key] = DATASETS.build(spec.name, spec.params).load(split, data_dir=self.options.data_dir)
+        return self._data[key]
+
+    def make_model(self, cell: Cell, data: ImageData, seed: int, **overrides) -> torch.nn.Module:
+        spec = MODELS.build(cell.model.name, {**cell.model.params, **overrides})
+        model = spec.create(data.shape, data.num_classes, generator=torch.Generator().manual_seed(seed))
+        return model.to(self.options.device)
+
+    def accuracy(self, cell: Cell) -> dict[str, Any]:
+        """Accuracy of training under this defense setting, cached per (defense, dataset, model, seed,
+        training config): it does not depend on the attack."""
+        key_obj = {"defense": cell.defense.as_dict(), "dataset": cell.dataset.as_dict(),
+                   "model": cell.model.as_dict(), "seed": cell.seed, "accuracy": self.grid.accuracy.as_dict(),
+                   "data_dir": bool(self.options.data_dir)}
+        path = self.cache_dir / "accuracy" / f"{config_hash(key_obj)}.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass  # a torn cache file is recomputed
+        train = self.dataset(cell.dataset, "train")
+        test = self.dataset(cell.dataset, "test")
+        defense = DEFENSES.build(cell.defense.name, cell.defense.params)
+        seed = derive_seed("accuracy", cell.seed)
+        model = self.make_model(cell, train, seed, **self.grid.accuracy.model_params)
+        torch.manual_seed(seed)
+        result = defense.accuracy_run(model=model, train=train, test=test, config=self.grid.accuracy, seed=seed)
+        atomic_write_text(path, json.dumps(result, sort_keys=True))
+        return result
+
+    # -- one cell ------------------------------------------------------------------------------------
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        started = time.perf_counter()
+        grid = self.grid
+        attack = ATTACKS.build(cell.attack.name, cell.attack.params)
+        defense = DEFENSES.build(cell.defense.name, cell.defense.params)
+        data = self.dataset(cell.dataset, grid.split)
+        batch = defense.victim_batch_size(attack.victim_batch_size())
+        need = grid.targets * batch
+        if need > len(data):
+            raise ValueError(f"{cell.dataset.name}/{grid.split} has {len(data)} samples, the cell needs {need}")
+        # the same private batches for every defense and attack of a (dataset, seed, batch size)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed("targets", cell.seed)))
+        device = self.options.device
+
+        tasks, truths, monitors, converge_steps = [], [], [], []
+        for t in range(grid.targets):
+            idx = order[t * batch:(t + 1) * batch]
+            x, y = data.images[idx].to(device), data.labels[idx].to(device)
+            model = self.make_model(cell, data, derive_seed("model", cell.seed, t))
+            if grid.threat["model_state"] == "trained" and grid.threat["train_steps"] > 0:
+                self._pretrain(model, defense, cell, grid.threat["train_steps"], derive_seed("pretrain", cell.seed, t))
+            g = torch.Generator().manual_seed(derive_seed("defense", cell.seed, t, cell.defense.as_dict()))
+            classes = output_width(model, data.shape)  # the attacker knows the model, so its output width
+            shared = defense.share(model, x, F.one_hot(y, classes).float(), generator=g)
+            tasks.append(AttackTask(model=model, shared=shared, input_shape=data.shape,
+                                    num_classes=classes, batch_size=batch, scale=data.scale,
+                                    labels=y.clone() if grid.threat["labels_known"] else None,
+                                    defense_params=defense.get_params(),
+                                    seed=derive_seed("attack", cell.seed, t)))
+            truths.append((x, y))
+            converge_steps.append(None)
+            monitors.append(self._convergence_monitor(data, x, converge_steps, t))
+
+        reconstructions = attack.run(tasks, monitors=monitors)
+
+        per_sample: dict[str, list] = {k: [] for k in ("mse", "psnr", "ssim", "label_correct")}
+        per_target: dict[str, list] = {k: [] for k in ("closure_evals", "steps", "grad_distance", "diverged",
+                                                       "steps_to_converge", "label_method")}
+        originals, recons = [], []
+        for (x, y), rec, conv in zip(truths, reconstructions, converge_steps):
+            recon_unit = data.to_unit(rec.images.detach().cpu()).clamp(0, 1)
+            orig_unit = data.to_unit(x.cpu())
+            scores = score_reconstruction(recon_unit, orig_unit,
+                                          None if rec.labels is None else rec.labels.cpu(), y.cpu())
+            for k in per_sample:
+                per_sample[k].extend(scores.get(k, []))
+            per_target["closure_evals"].append(rec.closure_evals)
+            per_target["steps"].append(rec.steps)
+            per_target["grad_distance"].append(rec.grad_distance)
+            per_target["diverged"].append(rec.diverged)
+            per_target["steps_to_converge"].append(conv)
+            per_target["label_method"].append(rec.label_method)
+            perm = match_reconstructions(recon_unit, orig_unit)
+            originals.append(orig_unit)
+            recons.append(recon_unit[perm])
+
+        rule = grid.verdict
+        leak_flags = rule.recognisable(per_sample[rule.metric])
+        leak_rate = sum(leak_flags) / len(leak_flags)
+        accuracy = self.accuracy(cell)
+        key = cell.key(grid)
+        self._save_images(key, torch.cat(originals), torch.cat(recons))
+        record = {
+            "key": key,
+            "grid": grid.name,
+            "attack": cell.attack.name, "attack_params": cell.attack.params,
+            "defense": cell.defense.name, "defense_params": cell.defense.params,
+            "defense_label": defense.label(), "defense_family": defense.family,
+            "dataset": cell.dataset.name, "dataset_params": cell.dataset.params,
+            "model": cell.model.name, "model_params": cell.model.params,
+            "seed": cell.seed,
+            "targets": grid.targets,
+            "threat": {**grid.threat, "batch_size": batch, "shared": "gradient", "weights": "shared",
+                       "labels_given_to_attacker": grid.threat["labels_known"]},
+            "metrics": {
+                "leak_rate": leak_rate,
+                "mse_median": statistics.median(per_sample["mse"]),
+                "psnr_median": statistics.median(per_sample["psnr"]),
+                "ssim_median": statistics.median(per_sample["ssim"]),
+                "label_accuracy": (statistics.mean(per_sample["label_correct"])
+                                   if per_sample["label_correct"] else None),
+                "recovered_rate": sum(m < CONVERGED_MSE for m in per_sample["mse"]) / len(per_sample["mse"]),
+                "closure_evals_mean": statistics.mean(per_target["closure_evals"]),
+                "diverged": sum(per_target["diverged"]),
+            },
+            "per_sample": {**per_sample, "recognisable": leak_flags},
+            "per_target": per_target,
+            "accuracy": accuracy.get("accuracy"),
+            "accuracy_details": {k: v for k, v in accuracy.items() if k != "accuracy"},
+            "privacy": accuracy.get("privacy") or {},
+            "verdict": {"defended": rule.defended(leak_rate), "rule": rule.describe(),
+                        "metric": rule.metric, "threshold": rule.threshold, "max_leak_rate": rule.max_leak_rate},
+            "device": self.options.device,
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "versions": library_versions(),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return record
+
+    def _pretrain(self, model, defense, cell: Cell, steps: int, seed: int) -> None:
+        """Threat model 'trained': the shared weights are those after ``steps`` training steps under the
+        defense (the attack can happen at any time during training)."""
+        from .training import train_with_defense
+
+        train = self.dataset(cell.dataset, "train")
+        cfg = self.grid.accuracy
+        train_with_defense(model, defense, train, train.subset(torch.arange(min(64, len(train)))), cfg,
+                           seed=seed, max_steps=steps)
+
+    @staticmethod
+    def _convergence_monitor(data: ImageData, x: torch.Tensor, sink: list, t: int) -> Callable:
+        """Records the first step at which every reconstruction of target ``t`` is within CONVERGED_MSE
+        of its matched original (ground truth stays on the evaluator's side)."""
+        truth = data.to_unit(x.detach().cpu())
+
+        def monitor(step: int, images: torch.Tensor, labels) -> None:
+            if sink[t] is not None:
+                return
+            recon = data.to_unit(images.detach().cpu()).clamp(0, 1)
+            perm = match_reconstructions(recon, truth)
+            mse = ((recon[perm] - truth) ** 2).flatten(1).mean(1)
+            if bool((mse < CONVERGED_MSE).all()):
+                sink[t] = step
+
+        return monitor
+
+    def _save_images(self, key: str, originals: torch.Tensor, recons: torch.Tensor) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, originals=originals.numpy().astype(np.float32),
+                            reconstructions=recons.numpy().astype(np.float32))
+        atomic_write_bytes(self.options.out_dir / "reconstructions" / f"{key}.npz", buf.getvalue())
+
+    # -- the whole grid ----------------------------------------------------------------------------
+    def pending(self) -> list[Cell]:
+        done = self.store.completed_keys(repair=True)
+        return [c for c in self.grid.cells() if c.key(self.grid) not in done]
+
+    def run(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+        out = self.options.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "grid.json", json.dumps(_grid_snapshot(self.grid), indent=2, sort_keys=True))
+        cells = self.pending()
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(self.grid.cells()), initial=len(self.grid.cells()) - len(cells), unit="cell",
+                   desc=f"leakbench {self.grid.name}", disable=not self.options.progress, file=sys.stderr)
+        written = []
+        for cell in cells:
+            bar.set_postfix_str(f"{cell.attack.name} vs {DEFENSES.build(cell.defense.name, cell.defense.params).label()}")
+            record = self.run_cell(cell)
+            self.store.append(record)
+            written.append(record)
+            if on_record is not None:
+                on_record(record)
+            bar.update(1)
+        bar.close()
+        return written
+
+
+def _grid_snapshot(grid: Grid) -> dict:
+    return {"name": grid.name, "description": grid.description, "source": grid.source,
+            "datasets": [d.as_dict() for d in grid.datasets], "models": [m.as_dict() for m in grid.models],
+            "attacks": [a.as_dict() for a in grid.attacks], "defenses": [d.as_dict() for d in grid.defenses],
+            "seeds": grid.seeds, "targets": grid.targets, "split": grid.split, "threat": grid.threat,
+            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict)}

@@ -1,0 +1,34 @@
+"""Shared fixtures. Real-data tests read the parquet mirror named by LEAKBENCH_DATA_DIR (CI points it at
+../shared/data) and skip cleanly where it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mirror_dir(dataset: str) -> str:
+    data_dir = os.environ.get("LEAKBENCH_DATA_DIR")
+    if not data_dir or not (Path(data_dir) / dataset).is_dir():
+        pytest.skip(f"real data: set LEAKBENCH_DATA_DIR to a mirror holding {dataset}/ (e.g. ../shared/data)")
+    return data_dir
+
+
+@pytest.fixture
+def mnist_dir() -> str:
+    return mirror_dir("mnist")
+
+
+# Tiny models are overhead-bound: one thread is faster, and avoids oversubscribing the cores when
+# tests start subprocesses.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
