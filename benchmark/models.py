@@ -121,3 +121,110 @@ def build_model(name: str, input_shape, num_classes: int, *, seed: int = 0, **pa
 
     generator = torch.Generator().manual_seed(seed)
     return MODELS.build(name, params).create(tuple(input_shape), num_classes, generator=generator)
+
+
+# --- Hitaj et al. (CCS 2017) Section 8.3: the collaboratively trained models -------------------------
+#
+# Both end in LogSoftMax like the Torch7 originals. leakbench's losses (``threat.soft_cross_entropy``,
+# ``F.cross_entropy``) apply log_softmax to whatever the model returns; log_softmax is idempotent
+# (log_softmax(log_softmax(z)) == log_softmax(z), since the outputs already log-sum-exp to 0), so
+# feeding these log-probabilities in as "logits" gives exactly the intended NLL loss.
+
+class HitajMNISTCNN(nn.Module):
+    """Figure 15 (the Torch7 MNIST demo convnet): conv 5x5 1->32, tanh, max-pool 3x3/3, conv 5x5 32->64,
+    tanh, max-pool 2x2/2, linear 256 -> 200, tanh, linear 200 -> outputs, log-softmax.
+
+    The text gives the flattened size (256) but not the pooling windows; 3x3/3 then 2x2/2 is the only
+    reading of the Torch7 demo that yields 64 x 2 x 2 = 256 for the paper's 32x32 input
+    (32 -conv-> 28 -pool-> 9 -conv-> 5 -pool-> 2). It also yields 256 for unpadded 28x28 MNIST
+    (28 -> 24 -> 8 -> 4 -> 2).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, outputs: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=5), nn.Tanh(), nn.MaxPool2d(3, 3),
+            nn.Conv2d(32, 64, kernel_size=5), nn.Tanh(), nn.MaxPool2d(2, 2),
+        )
+        flat = _flat_size(self.features, in_channels, image_size)
+        self.classifier = nn.Sequential(nn.Linear(flat, 200), nn.Tanh(), nn.Linear(200, outputs),
+                                        nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class HitajATTCNN(nn.Module):
+    """Figure 17 (AT&T faces, 64x64): three convolutions each followed by tanh and max pooling, then
+    fully connected layers with tanh, 40 + 1 outputs, log-softmax.
+
+    Figure 17 did not survive the text extraction, so the widths are our reading: the MNIST net's
+    pattern extended by one stage (5x5 convolutions with 32, 64, 128 planes, 2x2 pooling, a 200-unit
+    hidden layer). For 64x64 input: 64 -> 60 -> 30 -> 26 -> 13 -> 9 -> 4, so 128 x 4 x 4 = 2048 -> 200.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, outputs: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=5), nn.Tanh(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, kernel_size=5), nn.Tanh(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(64, 128, kernel_size=5), nn.Tanh(), nn.MaxPool2d(2, 2),
+        )
+        flat = _flat_size(self.features, in_channels, image_size)
+        self.classifier = nn.Sequential(nn.Linear(flat, 200), nn.Tanh(), nn.Linear(200, outputs),
+                                        nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def _flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
+    """Width of the flattened feature map for a square input (a dry run, so odd sizes fail clearly)."""
+    with torch.no_grad():
+        try:
+            out = features(torch.zeros(1, in_channels, image_size, image_size))
+        except RuntimeError as exc:
+            raise ValueError(f"input of {image_size}x{image_size} is too small for this network ({exc})") from None
+    return int(out.numel())
+
+
+class _HitajSpec(ModelSpec):
+    params = (
+        Param("extra_class", bool, True,
+              "one output more than the data has classes: the adversary's artificial class (Hitaj et al.)"),
+    )
+    network: type[nn.Module]
+
+    def create(self, input_shape, num_classes, *, generator=None):
+        c, h, w = input_shape
+        if h != w:
+            raise ValueError(f"{self.registry_name} needs square images, got {h}x{w}")
+        model = self.network(c, h, num_classes + int(self.extra_class))
+        _init_default_(model, generator)  # Torch7's default reset: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        return model
+
+
+@register_model("hitaj-mnist-cnn")
+class HitajMNISTCNNSpec(_HitajSpec):
+    """Hitaj et al. Figure 15 MNIST CNN (paper input: 32x32, scaled to [-1, 1])."""
+
+    network = HitajMNISTCNN
+
+
+@register_model("hitaj-att-cnn")
+class HitajATTCNNSpec(_HitajSpec):
+    """Hitaj et al. Figure 17 AT&T faces CNN (paper input: 64x64, scaled to [-1, 1])."""
+
+    network = HitajATTCNN
+
+
+def output_width(model: nn.Module, input_shape) -> int:
+    """How many outputs (classes) a model has, e.g. classes + 1 for the Hitaj models' artificial class.
+    One-hot labels are sized to this so every model trains and is attacked through the same loss."""
+    param = next(model.parameters())
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        width = int(model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)).shape[-1])
+        model.train(was_training)
+    return width
