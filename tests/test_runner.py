@@ -104,3 +104,21 @@ def test_rerunning_a_finished_grid_runs_nothing(tmp_path, tiny_grid):
     before = (out / "results.jsonl").read_bytes()
     assert main(["run", "--grid", str(tiny_grid), "--out", str(out), "--no-progress"]) == 0
     assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_models_with_an_extra_output_run_through_a_grid(tmp_path):
+    """The Hitaj models carry an artificial class (classes + 1 outputs): labels are sized to the model."""
+    from leakbench.grid import parse_grid
+    from leakbench.runner import RunOptions, Runner
+
+    grid = parse_grid({
+        "datasets": [{"name": "digits", "params": {"image_size": 28}}],
+        "models": [{"name": "hitaj-mnist-cnn", "params": {"extra_class": True}}],
+        "attacks": [{"name": "dlg", "params": {"steps": 3}}],
+        "defenses": ["none"], "targets": 1,
+        "accuracy": {"epochs": 1, "train_size": 64, "test_size": 64, "optimizer": "sgd", "lr": 0.05},
+    })
+    record = Runner(grid, RunOptions(out_dir=tmp_path, progress=False)).run()[0]
+    assert 0.0 <= record["accuracy"] <= 1.0
+    assert record["per_sample"]["label_correct"] in ([0.0], [1.0])
+    assert record["per_target"]["closure_evals"][0] > 0
