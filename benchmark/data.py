@@ -62,6 +62,7 @@ def read_parquet_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | 
     """Read one HF-layout parquet split: uint8 images ``(N, H, W[, C])`` and int labels."""
     import datasets
 
+    datasets.disable_progress_bars()  # leakbench shows its own progress; HF's bars would interleave
     ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     names = None
     label_feature = ds.features.get("label")
@@ -118,14 +119,18 @@ class Dataset(Component):
                     f"dataset {self.registry_name!r}: no folder {mirror} in the data dir; "
                     f"expected {mirror}/<split>.parquet"
                 )
-            if split in self.native_splits or (mirror / f"{split}.parquet").exists():
-                path = mirror / f"{split}.parquet"
-                if not path.exists():
-                    raise ConfigError(f"dataset {self.registry_name!r}: missing {path}")
-                images, labels, _ = read_parquet_split(path)
-                return _to_tensor(images), torch.from_numpy(labels)
-            return self.derived_split(split, lambda s: self.load_raw(s, data_dir))
+            if set(self.native_splits) >= set(SPLITS):
+                return self._read_mirror(mirror, split)
+            # published as one split: both train and test come from it, never overlapping
+            return self.derived_split(split, lambda s: self._read_mirror(mirror, s))
         return self.load_remote(split)
+
+    def _read_mirror(self, mirror: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        path = mirror / f"{split}.parquet"
+        if not path.exists():
+            raise ConfigError(f"dataset {self.registry_name!r}: missing {path}")
+        images, labels, _ = read_parquet_split(path)
+        return _to_tensor(images), torch.from_numpy(labels)
 
     def derived_split(self, split: str, load) -> tuple[torch.Tensor, torch.Tensor]:
         """Datasets published as one split get a fixed per-class holdout (the last 20% of each class)."""

@@ -61,10 +61,11 @@ class TrainingConfig:
 def evaluate(model: torch.nn.Module, data: ImageData, batch_size: int = 512) -> float:
     model.eval()
     correct = 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            logits = model(data.images[start:start + batch_size])
-            correct += int((logits.argmax(-1) == data.labels[start:start + batch_size]).sum())
+            logits = model(data.images[start:start + batch_size].to(device))
+            correct += int((logits.argmax(-1).cpu() == data.labels[start:start + batch_size]).sum())
     return correct / max(1, len(data))
 
 
@@ -85,6 +86,7 @@ def train_with_defense(model: torch.nn.Module, defense, train: ImageData, test: 
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     batch_size = defense.victim_batch_size(cfg.batch_size)
     width = output_width(model, train.shape)
+    device = next(model.parameters()).device
     steps = 0
     non_finite = False
     for _ in range(cfg.epochs):
@@ -92,7 +94,8 @@ def train_with_defense(model: torch.nn.Module, defense, train: ImageData, test: 
         for start in range(0, len(train), batch_size):
             idx = order[start:start + batch_size]
             model.train()
-            x, y = train.images[idx], F.one_hot(train.labels[idx], width).float()
+            x = train.images[idx].to(device)
+            y = F.one_hot(train.labels[idx], width).float().to(device)
             update = defense.share(model, x, y, generator=g)
             for p, u in zip(params, update):
                 p.grad = u.to(p.dtype)

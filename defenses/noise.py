@@ -22,7 +22,8 @@ class GaussianNoise(Defense):
 
     def transform(self, update, *, generator=None):
         std = math.sqrt(self.variance)
-        return [u + std * torch.randn(u.shape, generator=generator, dtype=u.dtype) for u in update]
+        # drawn on the CPU from the seeded generator, so the noise is the same on any device
+        return [u + std * torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device) for u in update]
 
 
 @register_defense("laplacian-noise")
@@ -41,5 +42,5 @@ class LaplacianNoise(Defense):
             p = torch.rand(u.shape, generator=generator, dtype=torch.float64) - 0.5
             p = p.clamp(-0.5 + 1e-12, 0.5 - 1e-12)
             noise = -b * torch.sign(p) * torch.log1p(-2 * p.abs())
-            out.append(u + noise.to(u.dtype))
+            out.append(u + noise.to(device=u.device, dtype=u.dtype))
         return out

@@ -32,3 +32,8 @@ torch.set_num_threads(1)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def att_faces_dir() -> str:
+    return mirror_dir("att-faces")

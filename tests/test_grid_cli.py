@@ -110,3 +110,12 @@ def test_list_command(capsys):
     assert "dlg" in out and "dlg-batched" in out and "idlg" not in out
     assert main(["list", "grids"]) == 0
     assert "quick" in capsys.readouterr().out
+
+
+def test_cuda_on_a_cpu_only_machine_is_bad_input(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", "--grid", "quick", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
