@@ -37,6 +37,7 @@ from torch import nn
 
 from .data import ImageData
 from .errors import ConfigError
+from .sampling import laplace_noise  # noqa: F401  (also re-exported: collab.laplace_noise)
 from .threat import parameter_gradients
 from .training import evaluate
 
@@ -190,14 +191,6 @@ def fraction_count(fraction: float, total: int) -> int:
 def upload_count(theta_u: float, num_params: int) -> int:
     """c = theta_u * |w|, the most values one upload may contain (at least one)."""
     return max(1, fraction_count(theta_u, num_params))
-
-
-def laplace_noise(scale: float, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` draws of Laplace(0, scale) in float64, by inverse CDF so they come from our seeded
-    generator (``torch.distributions.Laplace`` cannot take one)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64) - 0.5
-    u = u.clamp(-0.5 + 1e-16, 0.5 - 1e-16)
-    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
 
 
 def select_upload(delta: torch.Tensor, *, count: int, criterion: str, tau: float = 0.0,

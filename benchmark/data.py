@@ -217,43 +217,47 @@ class SVHN(Dataset):
     hub_config = "cropped_digits"
 
 
+class FetchedDataset(Dataset):
+    """A dataset from a scikit-learn fetcher, published as one set: train and test are a fixed
+    per-class holdout of it (see ``derived_split``)."""
+
+    native_splits = ("train",)
+
+    def fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_remote(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.derived_split(split, lambda _split: self.fetch())
+
+
 @register_dataset("lfw")
-class LFW(Dataset):
+class LFW(FetchedDataset):
     """Labeled Faces in the Wild, people with at least 20 images, via scikit-learn's fetcher."""
 
     num_classes = 62  # fetch_lfw_people(min_faces_per_person=20)
-    native_splits = ("train",)
 
-    def load_remote(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        def fetch(_split: str):
-            from sklearn.datasets import fetch_lfw_people
+    def fetch(self):
+        from sklearn.datasets import fetch_lfw_people
 
-            bunch = fetch_lfw_people(min_faces_per_person=20, color=True, resize=0.5)
-            images = bunch.images.astype(np.float32)
-            if images.max() > 1.0:
-                images = images / 255.0
-            return _to_tensor(images), torch.from_numpy(bunch.target.astype(np.int64))
-
-        return self.derived_split(split, fetch)
+        bunch = fetch_lfw_people(min_faces_per_person=20, color=True, resize=0.5)
+        images = bunch.images.astype(np.float32)
+        if images.max() > 1.0:
+            images = images / 255.0
+        return _to_tensor(images), torch.from_numpy(bunch.target.astype(np.int64))
 
 
 @register_dataset("att-faces")
-class ATTFaces(Dataset):
+class ATTFaces(FetchedDataset):
     """AT&T (ORL / Olivetti) faces: 40 people x 10 images, 64x64 gray, via scikit-learn's fetcher."""
 
     num_classes = 40
-    native_splits = ("train",)
 
-    def load_remote(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        def fetch(_split: str):
-            from sklearn.datasets import fetch_olivetti_faces
+    def fetch(self):
+        from sklearn.datasets import fetch_olivetti_faces
 
-            bunch = fetch_olivetti_faces()  # float images already in [0, 1]
-            return torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1), torch.from_numpy(
-                bunch.target.astype(np.int64)
-            )
-
-        return self.derived_split(split, fetch)
+        bunch = fetch_olivetti_faces()  # float images already in [0, 1]
+        images = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)
+        return images, torch.from_numpy(bunch.target.astype(np.int64))
 
 
 def load(name: str, split: str = "train", *, data_dir=None, **params) -> ImageData:

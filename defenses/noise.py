@@ -7,6 +7,7 @@ import torch
 
 from ..params import Param
 from ..registry import register_defense
+from ..sampling import laplace_noise
 from .base import Defense
 
 _VARIANCE = Param("variance", float, 1e-3, "noise variance per coordinate (paper sweep 1e-4 .. 1e-1)", low=0.0)
@@ -35,12 +36,5 @@ class LaplacianNoise(Defense):
 
     def transform(self, update, *, generator=None):
         b = math.sqrt(self.variance / 2.0)
-        out = []
-        for u in update:
-            # inverse-CDF sampling, so the draw comes from our seeded generator
-            # (torch.distributions.Laplace takes no generator)
-            p = torch.rand(u.shape, generator=generator, dtype=torch.float64) - 0.5
-            p = p.clamp(-0.5 + 1e-12, 0.5 - 1e-12)
-            noise = -b * torch.sign(p) * torch.log1p(-2 * p.abs())
-            out.append(u + noise.to(device=u.device, dtype=u.dtype))
-        return out
+        return [u + laplace_noise(b, u.numel(), generator=generator).view(u.shape).to(device=u.device, dtype=u.dtype)
+                for u in update]
