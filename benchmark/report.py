@@ -12,7 +12,7 @@ import pandas as pd
 from .errors import ConfigError
 from .results import ResultsStore, atomic_write_text
 
-DEFENDED, LEAKS = "✓", "✗"
+DEFENDED, LEAKS, NO_VERDICT = "✓", "✗", "–"
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
@@ -45,6 +45,12 @@ def summary_frame(records: list[dict]) -> pd.DataFrame:
         max_leak_rate=("max_leak_rate", "first"), seeds=("seed", "nunique"), family=("family", "first"),
     ).reset_index()
     agg["defended"] = agg["leak_rate"] <= agg["max_leak_rate"]
+    # A verdict needs an attack that works: when the same attack does not leak against `none` on the
+    # same dataset and model, no defense row can be credited with stopping it.
+    baseline = agg[agg["family"] == "baseline"].set_index(["dataset", "model", "attack"])["defended"]
+    agg["attack_works"] = [
+        not bool(baseline.get((d, m, a), False)) for d, m, a in zip(agg["dataset"], agg["model"], agg["attack"])
+    ]
     for k in keys:
         agg[k] = pd.Categorical(agg[k], categories=order[k], ordered=True)
     return agg.sort_values(keys).reset_index(drop=True)
@@ -73,7 +79,7 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
             a = str(r["attack"])
             row[f"{a} leak"] = _pct(r["leak_rate"])
             row[f"{a} PSNR"] = f"{r['psnr']:.1f}"
-            row[f"{a} defends"] = DEFENDED if r["defended"] else LEAKS
+            row[f"{a} defends"] = (DEFENDED if r["defended"] else LEAKS) if r["attack_works"] else NO_VERDICT
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -94,7 +100,8 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     legend = (f"\nGrid `{grid}`, {len(records)} cells. Accuracy: test accuracy of the model trained with the "
               f"defense on every step (for protocol defenses such as dssgd-dp: the global model of the "
               f"collaborative protocol run under it). Leak: fraction of attacked samples reconstructed recognisably "
-              f"({rule}). PSNR: median over samples, dB. {DEFENDED} defends, {LEAKS} leaks.\n")
+              f"({rule}). PSNR: median over samples, dB. {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
+              f"verdict: the attack does not leak even against `none` here, so it cannot rate a defense.\n")
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "table.tex", tabulate(table, headers="keys", tablefmt="latex_booktabs",

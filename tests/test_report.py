@@ -1,0 +1,29 @@
+"""The table logic on hand-made records: pooling over seeds, the verdict, and 'no verdict' when the
+attack fails even against the undefended baseline."""
+from leakbench.report import DEFENDED, LEAKS, NO_VERDICT, defendability_table
+
+
+def record(attack, defense, family, leak_rate, *, seed=0, accuracy=0.9, psnr=20.0):
+    return {
+        "dataset": "digits", "model": "lenet-zhu", "seed": seed, "attack": attack, "attack_params": {},
+        "defense_label": defense, "defense_family": family, "accuracy": accuracy, "privacy": {},
+        "metrics": {"leak_rate": leak_rate, "psnr_median": psnr, "ssim_median": 0.5, "mse_median": 0.01,
+                    "label_accuracy": 1.0, "recovered_rate": 0.0, "closure_evals_mean": 10},
+        "verdict": {"max_leak_rate": 0.25, "rule": "rule"}, "wall_seconds": 1.0,
+    }
+
+
+def test_verdicts_pool_seeds_and_need_a_working_attack():
+    records = [
+        record("strong", "none", "baseline", 1.0), record("strong", "noise", "noise", 0.0),
+        record("strong", "prune", "sparsification", 0.5, seed=0),
+        record("strong", "prune", "sparsification", 0.0, seed=1),  # pooled leak rate 0.25: defended
+        record("weak", "none", "baseline", 0.0), record("weak", "noise", "noise", 0.0),
+        record("weak", "prune", "sparsification", 1.0),
+    ]
+    table = defendability_table(records).set_index("defense")
+    assert table.loc["none", "strong defends"] == LEAKS
+    assert table.loc["noise", "strong defends"] == DEFENDED
+    assert table.loc["prune", "strong defends"] == DEFENDED and table.loc["prune", "strong leak"] == "25.0%"
+    assert set(table["weak defends"]) == {NO_VERDICT}, "an attack that fails undefended rates nothing"
+    assert table.loc["noise", "accuracy"] == "90.0%"
