@@ -1,5 +1,7 @@
 """Attack plugins. Importing this package registers the built-in attacks."""
 from .base import Attack
 from . import dlg  # noqa: F401  (registers dlg, idlg, dlg-batched)
+from . import gan  # noqa: F401  (registers gan-active, gan-passive)
+from . import model_inversion  # noqa: F401  (registers model-inversion)
 
 __all__ = ["Attack"]

@@ -180,6 +180,18 @@ def _component_list(raw: Any, key: str, registry, *, sweeps: bool) -> list[Compo
     return out
 
 
+def _gradient_attacks(specs: list[ComponentSpec]) -> list[ComponentSpec]:
+    """Grid cells attack one shared update; attacks of other settings (the GAN attacks run inside the
+    collaborative protocol, model inversion on a trained model) are not wired into grids yet."""
+    runnable = [n for n in ATTACKS.list() if ATTACKS.get(n).setting == "gradient"]
+    for spec in specs:
+        setting = ATTACKS.get(spec.name).setting
+        if setting != "gradient":
+            raise ConfigError(f"grid: attack {spec.name!r} runs in the {setting!r} setting, which grids do not "
+                              f"run yet; allowed here: {', '.join(runnable)}")
+    return specs
+
+
 def parse_grid(raw: dict, *, source: str = "") -> Grid:
     _ensure_builtins()
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
@@ -218,7 +230,7 @@ def parse_grid(raw: dict, *, source: str = "") -> Grid:
         description=str(raw.get("description", "")),
         datasets=_component_list(raw.get("datasets"), "datasets", DATASETS, sweeps=False),
         models=_component_list(raw.get("models"), "models", MODELS, sweeps=False),
-        attacks=_component_list(raw.get("attacks"), "attacks", ATTACKS, sweeps=True),
+        attacks=_gradient_attacks(_component_list(raw.get("attacks"), "attacks", ATTACKS, sweeps=True)),
         defenses=_component_list(raw.get("defenses"), "defenses", DEFENSES, sweeps=True),
         seeds=list(seeds), targets=targets, split=split, threat=threat,
         accuracy=TrainingConfig.from_config(raw.get("accuracy")),
