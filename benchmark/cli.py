@@ -78,7 +78,8 @@ def cmd_run(args) -> int:
     if args.seed is not None:
         if args.seed < 0:
             raise ConfigError(f"--seed {args.seed} is invalid; allowed: a non-negative integer")
-        grid.seeds = [args.seed]
+        for g in grid.all_grids():
+            g.seeds = [args.seed]
     device = _device(args.device)
     if args.threads is not None:
         if args.threads < 1:
@@ -92,8 +93,9 @@ def cmd_run(args) -> int:
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     runner = Runner(grid, RunOptions(out_dir=out, data_dir=data_dir, device=device,
                                      progress=not args.no_progress))
-    for ds in grid.datasets:  # a missing dataset is bad input: fail before the first cell runs
-        runner.dataset(ds, grid.split)
+    for g in grid.all_grids():  # a missing dataset is bad input: fail before the first cell runs
+        for ds in g.datasets:
+            runner.dataset(ds, g.split)
     runner.run()
     print(render(out))
     print(f"results: {out / 'results.jsonl'}; tables: {out / 'table.md'} .csv .tex; images: {out}/reconstructions_*.png")
@@ -105,9 +107,9 @@ def cmd_validate(args) -> int:
 
     grid = load_grid(args.grid)
     cells = grid.cells()
-    print(f"grid {grid.name!r} is valid: {len(cells)} cells ({len(grid.attacks)} attacks x "
-          f"{len(grid.defenses)} defense settings x {len(grid.datasets)} datasets x {len(grid.models)} models x "
-          f"{len(grid.seeds)} seeds), {grid.targets} targets per cell")
+    parts = [f"{g.name}: {len(g.attacks)} attacks x {len(g.defenses)} defense settings x {len(g.datasets)} "
+             f"datasets x {len(g.models)} models x {len(g.seeds)} seeds" for g in grid.all_grids()]
+    print(f"grid {grid.name!r} is valid: {len(cells)} cells ({'; '.join(parts)})")
     return EXIT_OK
 
 

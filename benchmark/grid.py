@@ -17,12 +17,14 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .leak_scores import LeakRule
 from .metrics import RecognisabilityRule
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, _ensure_builtins
 from .training import TrainingConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
-                  "targets", "split", "threat", "accuracy", "verdict")
+                  "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "subgrids")
+GRID_SETTINGS = ("gradient", "collaborative")  # attack settings a grid can run
 THREAT_KEYS = ("model_state", "train_steps", "labels_known")
 MODEL_STATES = ("random-init", "trained")
 
@@ -96,9 +98,13 @@ class ComponentSpec:
 
     name: str
     params: dict = field(default_factory=dict)
+    protocol: dict | None = None  # datasets only: overrides of the grid's agreed protocol
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "params": dict(self.params)}
+        out = {"name": self.name, "params": dict(self.params)}
+        if self.protocol:
+            out["protocol"] = dict(self.protocol)
+        return out
 
 
 @dataclass(frozen=True)
@@ -110,9 +116,16 @@ class Cell:
     dataset: ComponentSpec
     model: ComponentSpec
     seed: int
+    grid: "Grid" = field(compare=False, repr=False)  # the grid (or subgrid) whose settings apply
 
-    def config(self, grid: "Grid") -> dict:
+    def config(self, grid: "Grid | None" = None) -> dict:
         """Everything that determines this cell's result (its identity for resuming)."""
+        grid = grid or self.grid
+        if ATTACKS.get(self.attack.name).setting == "collaborative":
+            return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
+                    "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
+                    "protocol": self.protocol(), "gan_verdict": vars(grid.gan_verdict),
+                    "accuracy": grid.accuracy.as_dict()}
         return {
             "attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
             "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
@@ -120,7 +133,11 @@ class Cell:
             "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict),
         }
 
-    def key(self, grid: "Grid") -> str:
+    def protocol(self) -> dict:
+        """The agreed protocol for this cell: the grid's, with its dataset's overrides."""
+        return {**self.grid.protocol, **(self.dataset.protocol or {})}
+
+    def key(self, grid: "Grid | None" = None) -> str:
         return config_hash(self.config(grid))
 
 
@@ -142,11 +159,21 @@ class Grid:
     threat: dict
     accuracy: TrainingConfig
     verdict: RecognisabilityRule
+    protocol: dict = field(default_factory=dict)      # the agreed protocol of collaborative attack cells
+    gan_verdict: Any = None                           # LeakRule of collaborative attack cells
     source: str = ""
 
+    subgrids: list["Grid"] = field(default_factory=list)
+
+    def all_grids(self) -> list["Grid"]:
+        """This grid and its subgrids, depth first."""
+        return [self] + [g for sub in self.subgrids for g in sub.all_grids()]
+
     def cells(self) -> list[Cell]:
-        return [Cell(a, d, ds, m, s) for ds, m, s, d, a in
-                itertools.product(self.datasets, self.models, self.seeds, self.defenses, self.attacks)]
+        """This grid's product of cells, then each subgrid's (with the subgrid's own settings)."""
+        own = [Cell(a, d, ds, m, s, self) for ds, m, s, d, a in
+               itertools.product(self.datasets, self.models, self.seeds, self.defenses, self.attacks)]
+        return own + [c for sub in self.subgrids for c in sub.cells()]
 
 
 def _component_list(raw: Any, key: str, registry, *, sweeps: bool) -> list[ComponentSpec]:
@@ -161,7 +188,7 @@ def _component_list(raw: Any, key: str, registry, *, sweeps: bool) -> list[Compo
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"grid: {where} must be a name or a mapping with 'name'")
-        allowed = {"name", "params"} | ({"sweep"} if sweeps else set())
+        allowed = {"name", "params"} | ({"sweep"} if sweeps else set()) | ({"protocol"} if key == "datasets" else set())
         extra = sorted(set(entry) - allowed)
         if extra:
             raise ConfigError(f"grid: {where}: unknown key {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
@@ -176,23 +203,70 @@ def _component_list(raw: Any, key: str, registry, *, sweeps: bool) -> list[Compo
         for combo in itertools.product(*(sweep[n] for n in names)) if names else [()]:
             given = {**params, **dict(zip(names, combo))}
             checked = cls.validate_params(given)  # ConfigError names the component and parameter
-            out.append(ComponentSpec(entry["name"], {k: v for k, v in checked.items()}))
+            protocol = entry.get("protocol")
+            if protocol is not None and not isinstance(protocol, dict):
+                raise ConfigError(f"grid: {where}.protocol must be a mapping of protocol fields")
+            out.append(ComponentSpec(entry["name"], dict(checked), protocol=protocol or None))
     return out
 
 
-def _gradient_attacks(specs: list[ComponentSpec]) -> list[ComponentSpec]:
-    """Grid cells attack one shared update; attacks of other settings (the GAN attacks run inside the
-    collaborative protocol, model inversion on a trained model) are not wired into grids yet."""
-    runnable = [n for n in ATTACKS.list() if ATTACKS.get(n).setting == "gradient"]
+def _runnable_attacks(specs: list[ComponentSpec]) -> list[ComponentSpec]:
+    """Grids run gradient attacks (one shared update) and collaborative ones (rounds of the protocol);
+    model inversion, on a finished model, is run from Python for now."""
+    runnable = [n for n in ATTACKS.list() if ATTACKS.get(n).setting in GRID_SETTINGS]
     for spec in specs:
         setting = ATTACKS.get(spec.name).setting
-        if setting != "gradient":
+        if setting not in GRID_SETTINGS:
             raise ConfigError(f"grid: attack {spec.name!r} runs in the {setting!r} setting, which grids do not "
                               f"run yet; allowed here: {', '.join(runnable)}")
     return specs
 
 
-def parse_grid(raw: dict, *, source: str = "") -> Grid:
+def _protocol(raw: Any) -> dict:
+    """The agreed protocol (``leakbench.collab.ProtocolConfig`` fields), checked by building it."""
+    from .collab import ProtocolConfig
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("grid: protocol must be a mapping of ProtocolConfig fields")
+    extra = sorted(set(raw) - _protocol_fields())
+    if extra:
+        raise ConfigError(f"grid: protocol: unknown key {extra[0]!r}; allowed: {', '.join(sorted(_protocol_fields()))}")
+    if "participant_labels" in raw:
+        labels = raw["participant_labels"]
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in labels):
+            raise ConfigError(f"grid: protocol.participant_labels = {labels!r} is invalid; allowed: a list of "
+                              f"label lists, one per participant")
+        raw = {**raw, "participant_labels": tuple(tuple(p) for p in labels)}
+    ProtocolConfig(**{**raw, "model": None})  # its own checks raise one-line ConfigErrors
+    return raw
+
+
+def _protocol_fields() -> set[str]:
+    from dataclasses import fields as dc_fields
+
+    from .collab import ProtocolConfig
+
+    return {f.name for f in dc_fields(ProtocolConfig)} - {"model", "model_params"}
+
+
+def _names(raw: Any, key: str) -> list[str]:
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise ConfigError(f"grid: {key} must be a list of grid names or YAML paths")
+    return raw
+
+
+def _relative(source: str, name: str) -> str | Path:
+    local = Path(source).parent / name if source else None
+    return local if local is not None and local.is_file() else name
+
+
+def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
     _ensure_builtins()
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
@@ -230,19 +304,28 @@ def parse_grid(raw: dict, *, source: str = "") -> Grid:
         description=str(raw.get("description", "")),
         datasets=_component_list(raw.get("datasets"), "datasets", DATASETS, sweeps=False),
         models=_component_list(raw.get("models"), "models", MODELS, sweeps=False),
-        attacks=_gradient_attacks(_component_list(raw.get("attacks"), "attacks", ATTACKS, sweeps=True)),
+        attacks=_runnable_attacks(_component_list(raw.get("attacks"), "attacks", ATTACKS, sweeps=True)),
         defenses=_component_list(raw.get("defenses"), "defenses", DEFENSES, sweeps=True),
         seeds=list(seeds), targets=targets, split=split, threat=threat,
         accuracy=TrainingConfig.from_config(raw.get("accuracy")),
         verdict=RecognisabilityRule.from_config(raw.get("verdict")),
+        protocol=_protocol(raw.get("protocol")),
+        gan_verdict=LeakRule.from_config(raw.get("gan_verdict")),
         source=source,
+        subgrids=[load_grid(_relative(source, s), _seen=_seen) for s in _names(raw.get("subgrids"), "subgrids")],
     )
+    if any(ATTACKS.get(a.name).setting == "collaborative" for a in grid.attacks):
+        for ds in grid.datasets:  # every dataset's agreed protocol must be valid
+            _protocol({**grid.protocol, **(ds.protocol or {})})
     model_params = grid.accuracy.model_params
     for m in grid.models:  # the accuracy run's model overrides must be valid for every model
         MODELS.get(m.name).validate_params({**m.params, **model_params})
     return grid
 
 
-def load_grid(spec: str | Path) -> Grid:
-    """Read, merge includes, and validate a grid; raises ConfigError with a one-line message."""
-    return parse_grid(read_grid_yaml(spec), source=str(spec))
+def load_grid(spec: str | Path, *, _seen: tuple = ()) -> Grid:
+    """Read, merge includes, and validate a grid (and its subgrids); raises a one-line ConfigError."""
+    path = str(resolve_grid_path(spec))
+    if path in _seen:
+        raise ConfigError(f"grid subgrids cycle: {' -> '.join(_seen + (path,))}")
+    return parse_grid(read_grid_yaml(spec), source=path, _seen=_seen + (path,))

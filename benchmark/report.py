@@ -24,8 +24,10 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "attack": r["attack"], "attack_params": json.dumps(r["attack_params"], sort_keys=True),
             "defense": r["defense_label"], "family": r["defense_family"],
             "accuracy": r.get("accuracy"), "epsilon": (r.get("privacy") or {}).get("epsilon"),
-            "leak_rate": m["leak_rate"], "psnr": m["psnr_median"], "ssim": m["ssim_median"],
-            "mse": m["mse_median"], "label_accuracy": m.get("label_accuracy"),
+            "setting": r.get("threat", {}).get("setting", "gradient"),
+            "leak_rate": m["leak_rate"], "psnr": m.get("psnr_median"), "ssim": m.get("ssim_median"),
+            "mse": m.get("mse_median"), "label_accuracy": m.get("label_accuracy"),
+            "oracle_accuracy": m.get("oracle_accuracy"), "protocol_accuracy": m.get("protocol_accuracy"),
             "recovered_rate": m.get("recovered_rate"), "closure_evals": m.get("closure_evals_mean"),
             "max_leak_rate": r["verdict"]["max_leak_rate"], "rule": r["verdict"]["rule"],
             "wall_seconds": r.get("wall_seconds"),
@@ -43,6 +45,8 @@ def summary_frame(records: list[dict]) -> pd.DataFrame:
         psnr=("psnr", "median"), ssim=("ssim", "median"), label_accuracy=("label_accuracy", "mean"),
         recovered_rate=("recovered_rate", "mean"), closure_evals=("closure_evals", "mean"),
         max_leak_rate=("max_leak_rate", "first"), seeds=("seed", "nunique"), family=("family", "first"),
+        setting=("setting", "first"), oracle_accuracy=("oracle_accuracy", "mean"),
+        protocol_accuracy=("protocol_accuracy", "mean"),
     ).reset_index()
     agg["defended"] = agg["leak_rate"] <= agg["max_leak_rate"]
     # A verdict needs an attack that works: when the same attack does not leak against `none` on the
@@ -78,10 +82,14 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
         for _, r in part.iterrows():
             a = str(r["attack"])
             row[f"{a} leak"] = _pct(r["leak_rate"])
-            row[f"{a} PSNR"] = f"{r['psnr']:.1f}"
+            if r["setting"] == "collaborative":  # generated look-alikes: judged by the oracle, not PSNR
+                row[f"{a} oracle"] = _pct(r["oracle_accuracy"])
+                row[f"{a} model acc"] = _pct(r["protocol_accuracy"])
+            else:
+                row[f"{a} PSNR"] = f"{r['psnr']:.1f}"
             row[f"{a} defends"] = (DEFENDED if r["defended"] else LEAKS) if r["attack_works"] else NO_VERDICT
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("")  # blocks of a grid with different attacks leave gaps
 
 
 def render(out_dir: str | Path, *, images: bool = True) -> str:
@@ -94,13 +102,15 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     table = defendability_table(records)
     from tabulate import tabulate
 
-    rule = records[0]["verdict"]["rule"]
+    rule = "; ".join(dict.fromkeys(r["verdict"]["rule"] for r in records))
     grid = records[0].get("grid", "")
     md = tabulate(table, headers="keys", tablefmt="github", showindex=False)
     legend = (f"\nGrid `{grid}`, {len(records)} cells. Accuracy: test accuracy of the model trained with the "
               f"defense on every step (for protocol defenses such as dssgd-dp: the global model of the "
               f"collaborative protocol run under it). Leak: fraction of attacked samples reconstructed recognisably "
-              f"({rule}). PSNR: median over samples, dB. {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
+              f"({rule}). PSNR: median over samples, dB. For collaborative attacks (GAN): oracle = fraction of "
+              f"generated samples an independent classifier assigns to the victim's class; model acc = the "
+              f"global model's accuracy at the end of the attacked protocol run. {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
               f"verdict: the attack does not leak even against `none` here, so it cannot rate a defense.\n")
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))

@@ -57,6 +57,7 @@ class Runner:
     grid: Grid
     options: RunOptions
     _data: dict[str, ImageData] = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # expensive work shared by cells (e.g. oracles)
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -83,7 +84,7 @@ class Runner:
         """Accuracy of training under this defense setting, cached per (defense, dataset, model, seed,
         training config): it does not depend on the attack."""
         key_obj = {"defense": cell.defense.as_dict(), "dataset": cell.dataset.as_dict(),
-                   "model": cell.model.as_dict(), "seed": cell.seed, "accuracy": self.grid.accuracy.as_dict(),
+                   "model": cell.model.as_dict(), "seed": cell.seed, "accuracy": cell.grid.accuracy.as_dict(),
                    "data_dir": bool(self.options.data_dir)}
         path = self.cache_dir / "accuracy" / f"{config_hash(key_obj)}.json"
         if path.exists():
@@ -95,18 +96,29 @@ class Runner:
         test = self.dataset(cell.dataset, "test")
         defense = DEFENSES.build(cell.defense.name, cell.defense.params)
         seed = derive_seed("accuracy", cell.seed)
-        model = self.make_model(cell, train, seed, **self.grid.accuracy.model_params)
+        model = self.make_model(cell, train, seed, **cell.grid.accuracy.model_params)
         torch.manual_seed(seed)
-        result = defense.accuracy_run(model=model, train=train, test=test, config=self.grid.accuracy, seed=seed)
+        result = defense.accuracy_run(model=model, train=train, test=test, config=cell.grid.accuracy, seed=seed)
         atomic_write_text(path, json.dumps(result, sort_keys=True))
         return result
 
     # -- one cell ------------------------------------------------------------------------------------
     def run_cell(self, cell: Cell) -> dict[str, Any]:
-        started = time.perf_counter()
-        grid = self.grid
         attack = ATTACKS.build(cell.attack.name, cell.attack.params)
         defense = DEFENSES.build(cell.defense.name, cell.defense.params)
+        if attack.setting == "collaborative":
+            from .collab_cells import run_collaborative_cell
+
+            record = run_collaborative_cell(self, cell, attack, defense)
+        else:
+            record = self.run_gradient_cell(cell, attack, defense)
+        record["versions"] = library_versions()
+        record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return record
+
+    def run_gradient_cell(self, cell: Cell, attack, defense) -> dict[str, Any]:
+        started = time.perf_counter()
+        grid = cell.grid
         data = self.dataset(cell.dataset, grid.split)
         batch = defense.victim_batch_size(attack.victim_batch_size())
         need = grid.targets * batch
@@ -162,8 +174,8 @@ class Runner:
         leak_flags = rule.recognisable(per_sample[rule.metric])
         leak_rate = sum(leak_flags) / len(leak_flags)
         accuracy = self.accuracy(cell)
-        key = cell.key(grid)
-        self._save_images(key, torch.cat(originals), torch.cat(recons))
+        key = cell.key()
+        self.save_images(key, torch.cat(originals), torch.cat(recons))
         record = {
             "key": key,
             "grid": grid.name,
@@ -174,7 +186,8 @@ class Runner:
             "model": cell.model.name, "model_params": cell.model.params,
             "seed": cell.seed,
             "targets": grid.targets,
-            "threat": {**grid.threat, "batch_size": batch, "shared": "gradient", "weights": "shared",
+            "threat": {**grid.threat, "setting": "gradient", "batch_size": batch, "shared": "gradient",
+                       "weights": "shared",
                        "labels_given_to_attacker": grid.threat["labels_known"]},
             "metrics": {
                 "leak_rate": leak_rate,
@@ -196,8 +209,6 @@ class Runner:
                         "metric": rule.metric, "threshold": rule.threshold, "max_leak_rate": rule.max_leak_rate},
             "device": self.options.device,
             "wall_seconds": round(time.perf_counter() - started, 3),
-            "versions": library_versions(),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return record
 
@@ -207,7 +218,7 @@ class Runner:
         from .training import train_with_defense
 
         train = self.dataset(cell.dataset, "train")
-        cfg = self.grid.accuracy
+        cfg = cell.grid.accuracy
         train_with_defense(model, defense, train, train.subset(torch.arange(min(64, len(train)))), cfg,
                            seed=seed, max_steps=steps)
 
@@ -228,7 +239,7 @@ class Runner:
 
         return monitor
 
-    def _save_images(self, key: str, originals: torch.Tensor, recons: torch.Tensor) -> None:
+    def save_images(self, key: str, originals: torch.Tensor, recons: torch.Tensor) -> None:
         buf = io.BytesIO()
         np.savez_compressed(buf, originals=originals.numpy().astype(np.float32),
                             reconstructions=recons.numpy().astype(np.float32))
@@ -237,7 +248,7 @@ class Runner:
     # -- the whole grid ----------------------------------------------------------------------------
     def pending(self) -> list[Cell]:
         done = self.store.completed_keys(repair=True)
-        return [c for c in self.grid.cells() if c.key(self.grid) not in done]
+        return [c for c in self.grid.cells() if c.key() not in done]
 
     def run(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
         out = self.options.out_dir
@@ -266,4 +277,5 @@ def _grid_snapshot(grid: Grid) -> dict:
             "datasets": [d.as_dict() for d in grid.datasets], "models": [m.as_dict() for m in grid.models],
             "attacks": [a.as_dict() for a in grid.attacks], "defenses": [d.as_dict() for d in grid.defenses],
             "seeds": grid.seeds, "targets": grid.targets, "split": grid.split, "threat": grid.threat,
-            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict)}
+            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol),
+            "subgrids": [_grid_snapshot(g) for g in grid.subgrids]}

@@ -61,7 +61,9 @@ def test_sweeps_expand_and_include_merges(tmp_path):
 
 @pytest.mark.parametrize("patch, message", [
     ({"attacks": [{"name": "dgl"}]}, "unknown attack 'dgl'. Did you mean 'dlg'?"),
-    ({"attacks": [{"name": "gan-active"}]}, "attack 'gan-active' runs in the 'collaborative' setting"),
+    ({"attacks": [{"name": "model-inversion"}]}, "attack 'model-inversion' runs in the 'model' setting"),
+    ({"attacks": ["gan-active"], "protocol": {"theta_u": 2}}, "theta_u"),
+    ({"subgrids": ["nope"]}, "unknown grid 'nope'"),
     ({"defenses": [{"name": "pruning", "params": {"ratio": 1.5}}]},
      "pruning: parameter 'ratio' = 1.5 is invalid; allowed: a number in [0.0, 1.0]"),
     ({"defenses": [{"name": "pruning", "sweep": {"ratio": 0.5}}]}, "sweep must map parameter names to non-empty lists"),

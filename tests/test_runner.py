@@ -122,3 +122,38 @@ def test_models_with_an_extra_output_run_through_a_grid(tmp_path):
     assert 0.0 <= record["accuracy"] <= 1.0
     assert record["per_sample"]["label_correct"] in ([0.0], [1.0])
     assert record["per_target"]["closure_evals"][0] > 0
+
+
+def test_collaborative_attack_cells_run_through_a_grid(tmp_path):
+    """A GAN attack in a grid: the protocol runs with the adversary in it, the samples are scored by the
+    held-out oracle and nearest neighbours, and the row joins the same table as the gradient attacks."""
+    from leakbench.grid import parse_grid
+    from leakbench.report import render
+    from leakbench.runner import RunOptions, Runner
+
+    grid = parse_grid({
+        "datasets": [{"name": "digits", "params": {"image_size": 32, "scale": "[-1,1]"},
+                      "protocol": {"samples_per_participant": 100}}],
+        "models": [{"name": "hitaj-mnist-cnn", "params": {"extra_class": True}}],
+        "attacks": [{"name": "gan-active", "params": {"target_class": 3, "generator_width": 8, "samples": 16,
+                                                      "generator_batch": 16}},
+                    {"name": "idlg", "params": {"steps": 2}}],
+        "defenses": ["none"], "targets": 1,
+        "protocol": {"participant_labels": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "lr": 0.05, "max_rounds": 2,
+                     "local_batches": 2, "evaluate_local": False},
+        "accuracy": {"epochs": 1, "train_size": 128, "test_size": 100, "optimizer": "sgd", "lr": 0.05},
+    })
+    runner = Runner(grid, RunOptions(out_dir=tmp_path, progress=False))
+    records = {r["attack"]: r for r in runner.run()}
+    gan = records["gan-active"]
+    assert gan["threat"]["setting"] == "collaborative" and gan["threat"]["target_class"] == 3
+    assert gan["threat"]["participant_labels"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [t["round"] for t in gan["trace"]] == [1, 2]
+    assert all(0.0 <= t["oracle_accuracy"] <= 1.0 and "global_accuracy" in t for t in gan["trace"])
+    m = gan["metrics"]
+    assert 0.0 <= m["leak_rate"] <= m["oracle_accuracy"] + 1e-9 <= 1.0 + 1e-9
+    assert gan["targets"] == 16 and (tmp_path / "reconstructions" / f"{gan['key']}.npz").exists()
+    table = render(tmp_path, images=True)
+    assert "gan-active oracle" in table and "idlg PSNR" in table
+    assert (tmp_path / "reconstructions_gan-active.png").exists()
+    assert runner.run() == [], "finished collaborative cells are not run again"
