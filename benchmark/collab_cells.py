@@ -44,7 +44,7 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
 
 
 def run_collaborative_cell(runner: "Runner", cell: "Cell", attack, defense) -> dict[str, Any]:
-    from .runner import derive_seed
+    from .runner import cell_identity, derive_seed
 
     started = time.perf_counter()
     grid = cell.grid
@@ -67,14 +67,7 @@ def run_collaborative_cell(runner: "Runner", cell: "Cell", attack, defense) -> d
     runner.save_images(cell.key(), train.to_unit(nearest), train.to_unit(result.samples).clamp(0, 1))
     accuracy = runner.accuracy(cell)
     return {
-        "key": cell.key(),
-        "grid": grid.name,
-        "attack": cell.attack.name, "attack_params": cell.attack.params,
-        "defense": cell.defense.name, "defense_params": cell.defense.params,
-        "defense_label": defense.label(), "defense_family": defense.family,
-        "dataset": cell.dataset.name, "dataset_params": cell.dataset.params,
-        "model": cell.model.name, "model_params": cell.model.params,
-        "seed": cell.seed,
+        **cell_identity(cell, defense),
         "targets": score["samples"],
         "threat": {"setting": "collaborative", "shared": "parameter updates (distributed selective SGD)",
                    "participant_labels": [list(labels) for labels in protocol.participant_labels],

@@ -43,6 +43,19 @@ def derive_seed(*parts: Any) -> int:
     return int(config_hash(list(parts))[:8], 16) & 0x7FFFFFFF
 
 
+def cell_identity(cell: Cell, defense) -> dict[str, Any]:
+    """The fields that say which cell a record is, shared by every kind of cell."""
+    return {
+        "key": cell.key(), "grid": cell.grid.name,
+        "attack": cell.attack.name, "attack_params": cell.attack.params,
+        "defense": cell.defense.name, "defense_params": cell.defense.params,
+        "defense_label": defense.label(), "defense_family": defense.family,
+        "dataset": cell.dataset.name, "dataset_params": cell.dataset.params,
+        "model": cell.model.name, "model_params": cell.model.params,
+        "seed": cell.seed,
+    }
+
+
 @dataclass
 class RunOptions:
     out_dir: Path
@@ -177,14 +190,7 @@ class Runner:
         key = cell.key()
         self.save_images(key, torch.cat(originals), torch.cat(recons))
         record = {
-            "key": key,
-            "grid": grid.name,
-            "attack": cell.attack.name, "attack_params": cell.attack.params,
-            "defense": cell.defense.name, "defense_params": cell.defense.params,
-            "defense_label": defense.label(), "defense_family": defense.family,
-            "dataset": cell.dataset.name, "dataset_params": cell.dataset.params,
-            "model": cell.model.name, "model_params": cell.model.params,
-            "seed": cell.seed,
+            **cell_identity(cell, defense),
             "targets": grid.targets,
             "threat": {**grid.threat, "setting": "gradient", "batch_size": batch, "shared": "gradient",
                        "weights": "shared",
