@@ -102,9 +102,23 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     table = defendability_table(records)
     from tabulate import tabulate
 
+    # one table per dataset/model block: blocks with different attacks would leave wide gaps
+    blocks = {}
+    for r in records:
+        blocks.setdefault((r["dataset"], r["model"]), []).append(r)
+
     rule = "; ".join(dict.fromkeys(r["verdict"]["rule"] for r in records))
     grid = records[0].get("grid", "")
-    md = tabulate(table, headers="keys", tablefmt="github", showindex=False)
+    def block_tables(fmt: str, heading) -> str:
+        parts = []
+        for (dataset, model), rs in blocks.items():
+            block = defendability_table(rs)
+            block = block.loc[:, [c for c in block.columns if (block[c] != "").any()]]
+            text = tabulate(block, headers="keys", tablefmt=fmt, showindex=False)
+            parts.append(heading(dataset, model) + text if len(blocks) > 1 else text)
+        return "\n\n".join(parts)
+
+    md = block_tables("github", lambda d, m: f"**{d} / {m}**\n\n")
     legend = (f"\nGrid `{grid}`, {len(records)} cells. Accuracy: test accuracy of the model trained with the "
               f"defense on every step (for protocol defenses such as dssgd-dp: the global model of the "
               f"collaborative protocol run under it). Leak: fraction of attacked samples reconstructed recognisably "
@@ -114,8 +128,7 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
               f"verdict: the attack does not leak even against `none` here, so it cannot rate a defense.\n")
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
-    atomic_write_text(out / "table.tex", tabulate(table, headers="keys", tablefmt="latex_booktabs",
-                                                  showindex=False) + "\n")
+    atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
     summary_frame(records).to_csv(out / "summary.csv", index=False)
     if images:
         render_reconstructions(out, records)
