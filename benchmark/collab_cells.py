@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .runner import Runner
 
 ORACLE_FRACTION = 0.3  # of the training split: the oracle's data, never given to any participant
-TRACE_REFERENCES = 256  # real images of the target class that per-round scores compare against
+TRACE_REFERENCES = 128  # real images of the target class that per-round scores compare against
 
 
 def protocol_for(cell: "Cell") -> ProtocolConfig:
@@ -51,6 +51,9 @@ def run_collaborative_cell(runner: "Runner", cell: "Cell", attack, defense) -> d
     grid = cell.grid
     train, oracle = participants_pool_and_oracle(runner, cell)
     protocol_test = runner.dataset(cell.dataset, "test")
+    cap = grid.accuracy.test_size  # the global model is tested every round: the same cap as accuracy runs
+    if cap is not None and cap < len(protocol_test):
+        protocol_test = protocol_test.subset(torch.arange(cap))
     protocol = protocol_for(cell)
     rule = grid.gan_verdict
 
