@@ -137,15 +137,16 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
 
 def render_reconstructions(out: Path, records: list[dict], max_samples: int = 8) -> list[Path]:
     """One PNG per attack: originals on top, then a row of matched reconstructions per defense setting
-    (first dataset, model and seed of the grid)."""
+    (the attack's first dataset, model and seed in the grid); for GAN attacks the 'originals' are each
+    sample's nearest real image of the victim's class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    first = records[0]
     for attack in dict.fromkeys(r["attack"] for r in records):
+        first = next(r for r in records if r["attack"] == attack)  # its first dataset, model and seed
         rows = [r for r in records if r["attack"] == attack and r["dataset"] == first["dataset"]
                 and r["model"] == first["model"] and r["seed"] == first["seed"]]
         loaded = []
@@ -156,33 +157,31 @@ def render_reconstructions(out: Path, records: list[dict], max_samples: int = 8)
                     loaded.append((r, z["originals"][:max_samples], z["reconstructions"][:max_samples]))
         if not loaded:
             continue
-        n = max(len(o) for _, o, _ in loaded)
-        fig, axes = plt.subplots(len(loaded) + 1, n, figsize=(1.2 * n + 1.8, 1.2 * (len(loaded) + 1)),
-                                 squeeze=False)
+        # a setting whose private batches differ from the first row's (large-batch) gets its own originals
+        panels: list[tuple[str, np.ndarray]] = [("original", loaded[0][1])]
+        for r, orig, recon in loaded:
+            if orig.shape != loaded[0][1].shape or not np.array_equal(orig, loaded[0][1]):
+                panels.append((f"original ({r['defense_label']})", orig))
+            mark = DEFENDED if r["verdict"]["defended"] else LEAKS
+            panels.append((f"{r['defense_label']} {mark}", recon))
+        n = max(len(images) for _, images in panels)
+        fig, axes = plt.subplots(len(panels), n, figsize=(1.2 * n + 1.8, 1.2 * len(panels)), squeeze=False)
         for ax in axes.flat:
             ax.set_xticks([]), ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-
-        def show(ax, img):
-            img = np.clip(img, 0, 1)
-            if img.shape[0] == 1:
-                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(np.transpose(img, (1, 2, 0)))
-
-        for j, img in enumerate(loaded[0][1]):
-            show(axes[0, j], img)
-        axes[0, 0].set_ylabel("original", rotation=0, ha="right", va="center", fontsize=7)
-        for i, (r, _, recon) in enumerate(loaded, start=1):
-            for j, img in enumerate(recon):
-                show(axes[i, j], img)
-            mark = DEFENDED if r["verdict"]["defended"] else LEAKS
-            axes[i, 0].set_ylabel(f"{r['defense_label']} {mark}", rotation=0, ha="right", va="center", fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        for i, (label, images) in enumerate(panels):
+            for j, img in enumerate(images):
+                img = np.clip(img, 0, 1)
+                if img.shape[0] == 1:
+                    axes[i, j].imshow(img[0], cmap="gray", vmin=0, vmax=1)
+                else:
+                    axes[i, j].imshow(np.transpose(img, (1, 2, 0)))
+            axes[i, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
         fig.suptitle(f"{attack} on {first['dataset']} / {first['model']}", fontsize=9)
         fig.tight_layout()
         path = out / f"reconstructions_{attack}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # keep the long row labels
         plt.close(fig)
         written.append(path)
     return written
