@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 

@@ -51,9 +51,8 @@ def run_collaborative_cell(runner: "Runner", cell: "Cell", attack, defense) -> d
     grid = cell.grid
     train, oracle = participants_pool_and_oracle(runner, cell)
     protocol_test = runner.dataset(cell.dataset, "test")
-    cap = grid.accuracy.test_size  # the global model is tested every round: the same cap as accuracy runs
-    if cap is not None and cap < len(protocol_test):
-        protocol_test = protocol_test.subset(torch.arange(cap))
+    # the global model is tested every round: the same cap as the accuracy runs
+    protocol_test = protocol_test.capped(grid.accuracy.test_size)
     protocol = protocol_for(cell)
     rule = grid.gan_verdict
 

@@ -48,6 +48,14 @@ class ImageData:
         index = torch.as_tensor(index, dtype=torch.long)
         return ImageData(self.name, self.images[index], self.labels[index], self.num_classes, self.scale)
 
+    def capped(self, size: int | None, *, generator: torch.Generator | None = None) -> "ImageData":
+        """At most ``size`` samples: a random subset drawn from ``generator``, or the first ones without
+        one (None keeps all). The accuracy runs cap training data randomly and test data by position."""
+        if size is None or size >= len(self):
+            return self
+        index = torch.arange(size) if generator is None else torch.randperm(len(self), generator=generator)[:size]
+        return self.subset(index)
+
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in this data's scale to [0, 1] (metrics are computed on [0, 1])."""
         return (x + 1) / 2 if self.scale == "[-1,1]" else x

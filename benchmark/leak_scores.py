@@ -15,7 +15,6 @@ Such samples are judged by eye in the papers. leakbench scores them with
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torch import nn
 
 from .data import ImageData
 from .errors import ConfigError
+from .params import Param, check_section
 from .metrics import METRICS
 
 
@@ -143,19 +143,9 @@ class LeakRule:
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "LeakRule":
-        cfg = dict(cfg or {})
-        allowed = {"min_ssim", "max_leak_rate"}
-        extra = sorted(set(cfg) - allowed)
-        if extra:
-            raise ConfigError(f"leak_rule: unknown key {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
-        rule = cls(**cfg)
-        for key in allowed:
-            value = getattr(rule, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"leak_rule.{key} = {value!r} is invalid; allowed: a number")
-        if not 0.0 <= rule.max_leak_rate <= 1.0:
-            raise ConfigError(f"leak_rule.max_leak_rate = {rule.max_leak_rate!r} is invalid; allowed: [0, 1]")
-        return rule
+        """From a grid's ``gan_verdict:`` mapping; bad keys and values raise one-line ConfigErrors."""
+        return cls(**check_section("gan_verdict", cfg, (
+            Param("min_ssim", float), Param("max_leak_rate", float, low=0.0, high=1.0))))
 
     def leaks(self, oracle_assigned: list[bool], nn_ssim: list[float]) -> list[bool]:
         return [bool(a) and s >= self.min_ssim for a, s in zip(oracle_assigned, nn_ssim)]

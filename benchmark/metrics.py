@@ -2,7 +2,6 @@
 one-to-one matching of batched reconstructions, and the recognisability verdict."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .params import Component, Param
+from .params import Component, Param, check_section
 from .registry import METRICS, register_metric
 
 
@@ -109,20 +108,10 @@ class RecognisabilityRule:
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "RecognisabilityRule":
-        cfg = dict(cfg or {})
-        allowed = {"metric", "threshold", "max_leak_rate"}
-        extra = sorted(set(cfg) - allowed)
-        if extra:
-            raise ConfigError(f"verdict: unknown key {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
-        rule = cls(**cfg)
+        rule = cls(**check_section("verdict", cfg, (
+            Param("threshold", float), Param("max_leak_rate", float, low=0.0, high=1.0)), also=("metric",)))
         if rule.metric not in METRICS:
             raise ConfigError(METRICS.unknown_message(rule.metric).replace("unknown metric", "verdict.metric: unknown metric"))
-        for key in ("threshold", "max_leak_rate"):
-            value = getattr(rule, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"verdict.{key} = {value!r} is invalid; allowed: a number")
-        if not 0.0 <= rule.max_leak_rate <= 1.0:
-            raise ConfigError(f"verdict.max_leak_rate = {rule.max_leak_rate!r} is invalid; allowed: a number in [0, 1]")
         return rule
 
     @property

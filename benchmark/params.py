@@ -42,7 +42,11 @@ class Param:
         return kind + (" or null" if self.nullable else "")
 
     def coerce(self, value: Any, owner: str) -> Any:
-        bad = ConfigError(f"{owner}: parameter {self.name!r} = {value!r} is invalid; allowed: {self.allowed()}")
+        return self.check(value, f"{owner}: parameter {self.name!r}")
+
+    def check(self, value: Any, where: str) -> Any:
+        """``value`` converted to this parameter's type, or a one-line ConfigError naming ``where``."""
+        bad = ConfigError(f"{where} = {value!r} is invalid; allowed: {self.allowed()}")
         if value is None:
             if self.nullable:
                 return None
@@ -123,3 +127,22 @@ class Component:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+
+def check_section(section: str, cfg: Any, params: tuple[Param, ...], *, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config mapping (``accuracy:``, ``verdict:`` ...) checked against declared parameters: unknown keys
+    and bad values raise one-line ConfigErrors naming ``section.key``. Keys that are absent stay absent
+    (the caller's defaults apply); keys in ``also`` are allowed and returned unchecked."""
+    import difflib
+
+    cfg = dict(cfg or {}) if isinstance(cfg, dict) or cfg is None else None
+    if cfg is None:
+        raise ConfigError(f"{section} must be a mapping of keys")
+    declared = {p.name: p for p in params}
+    allowed = sorted(set(declared) | set(also))
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{section}: unknown key {unknown[0]!r}.{hint} Allowed: {', '.join(allowed)}")
+    return {k: declared[k].check(v, f"{section}.{k}") if k in declared else v for k, v in cfg.items()}

@@ -1,9 +1,8 @@
 """The accuracy column: train the model with the defense applied to every gradient step, then test."""
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from .data import ImageData
 from .errors import ConfigError
+from .params import Param, check_section
 from .models import output_width
 
 
@@ -29,27 +29,14 @@ class TrainingConfig:
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "TrainingConfig":
-        cfg = dict(cfg or {})
-        names = {f.name for f in fields(cls)}
-        extra = sorted(set(cfg) - names)
-        if extra:
-            raise ConfigError(f"accuracy: unknown key {extra[0]!r}; allowed: {', '.join(sorted(names))}")
-        out = cls(**cfg)
-        ints = {"epochs": 0, "batch_size": 1}
-        for key, low in ints.items():
-            v = getattr(out, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"accuracy.{key} = {v!r} is invalid; allowed: an integer >= {low}")
-        for key in ("train_size", "test_size"):
-            v = getattr(out, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"accuracy.{key} = {v!r} is invalid; allowed: an integer >= 1 or null")
+        checked = check_section("accuracy", cfg, (
+            Param("epochs", int, low=0), Param("batch_size", int, low=1),
+            Param("lr", float, low=0.0), Param("momentum", float, low=0.0),
+            Param("train_size", int, low=1, nullable=True), Param("test_size", int, low=1, nullable=True),
+        ), also=("optimizer", "model_params"))
+        out = cls(**checked)
         if out.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"accuracy.optimizer = {out.optimizer!r} is invalid; allowed: 'sgd', 'adam'")
-        for key in ("lr", "momentum"):
-            v = getattr(out, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"accuracy.{key} = {v!r} is invalid; allowed: a number >= 0")
         if not isinstance(out.model_params, dict):
             raise ConfigError(f"accuracy.model_params = {out.model_params!r} is invalid; allowed: a mapping")
         return out
@@ -75,10 +62,8 @@ def train_with_defense(model: torch.nn.Module, defense, train: ImageData, test: 
     (``compute_update`` then ``transform``, exactly what the victim would share), and test it."""
     started = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    if cfg.train_size is not None and cfg.train_size < len(train):
-        train = train.subset(torch.randperm(len(train), generator=g)[: cfg.train_size])
-    if cfg.test_size is not None and cfg.test_size < len(test):
-        test = test.subset(torch.arange(cfg.test_size))
+    train = train.capped(cfg.train_size, generator=g)
+    test = test.capped(cfg.test_size)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr)

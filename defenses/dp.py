@@ -62,13 +62,6 @@ def _scatter_like(update: list[torch.Tensor], index: torch.Tensor, values: torch
     return [chunk.view_as(u).clone() for chunk, u in zip(flat.split([u.numel() for u in update]), update)]
 
 
-def _cap(data, size: int | None, generator: torch.Generator | None):
-    if size is None or size >= len(data):
-        return data
-    index = torch.arange(size) if generator is None else torch.randperm(len(data), generator=generator)[:size]
-    return data.subset(index)
-
-
 class ProtocolDefense(Defense):
     """A defense that lives inside distributed selective SGD: its accuracy column runs the protocol.
 
@@ -109,8 +102,8 @@ class ProtocolDefense(Defense):
 
     def accuracy_run(self, *, model: nn.Module, train, test, config, seed: int) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
-        train = _cap(train, config.train_size, generator)
-        test = _cap(test, config.test_size, None)  # the first test samples, as training.train_with_defense
+        train = train.capped(config.train_size, generator=generator)
+        test = test.capped(config.test_size)  # the first test samples, as training.train_with_defense
         protocol = self.protocol_config(train, config)
         # the simulator works on CPU: flat vectors, data tensors and seeded generators all live there
         simulator = CollaborativeLearning(protocol, train, test, seed=seed, initial_model=model.cpu(),

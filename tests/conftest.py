@@ -37,3 +37,16 @@ def _deterministic():
 @pytest.fixture
 def att_faces_dir() -> str:
     return mirror_dir("att-faces")
+
+
+@pytest.fixture(scope="session")
+def gan_digits():
+    """The embedded digits as the GAN tests use them (32x32 in [-1, 1]): the participants' pool, the
+    test split, and an oracle trained on a stratified 30% of the training split no participant gets."""
+    from leakbench.data import load
+    from leakbench.leak_scores import holdout_split, train_oracle
+
+    train = load("digits", "train", image_size=32, scale="[-1,1]")
+    test = load("digits", "test", image_size=32, scale="[-1,1]")
+    pool, oracle_data = holdout_split(train, fraction=0.3, seed=0)
+    return pool, test, train_oracle(oracle_data, seed=0)

@@ -13,21 +13,11 @@ from leakbench.attacks.gan import DCGANGenerator, GanAdversary
 from leakbench.collab import ProtocolConfig
 from leakbench.data import load
 from leakbench.errors import ConfigError
-from leakbench.leak_scores import LeakRule, holdout_split, save_image_grid, score_samples, train_oracle
+from leakbench.leak_scores import LeakRule, save_image_grid, score_samples, train_oracle
 from leakbench.registry import ATTACKS, DEFENSES
 
 TARGET = 3
 FAST = {"target_class": TARGET, "generator_width": 16}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(1)
-    train = load("digits", "train", image_size=32, scale="[-1,1]")
-    test = load("digits", "test", image_size=32, scale="[-1,1]")
-    pool, oracle_data = holdout_split(train, fraction=0.3, seed=0)
-    oracle = train_oracle(oracle_data, seed=0)
-    return pool, test, oracle
 
 
 def _scorer(oracle):
@@ -62,10 +52,10 @@ def test_generator_rejects_sizes_it_cannot_reach():
 
 # -- the attack ----------------------------------------------------------------------------------------------
 
-def test_active_reaches_oracle_accuracy_and_beats_passive(digits):
+def test_active_reaches_oracle_accuracy_and_beats_passive(gan_digits):
     """Measured (seed 0): active 0.95 oracle accuracy at round 10 (0.77 at round 8); passive 0.0:
     its G fools the shared model (G loss ~0.6) with patterns the oracle does not take for a 3."""
-    pool, test, oracle = digits
+    pool, test, oracle = gan_digits
     active = _run("gan-active", pool, test, oracle, rounds=10)
     passive = _run("gan-passive", pool, test, oracle, rounds=10)
     assert [e["round"] for e in active.trace] == list(range(1, 11))
@@ -83,8 +73,8 @@ def test_active_reaches_oracle_accuracy_and_beats_passive(digits):
     assert final_passive["leak_rate"] == 0.0 and final_passive["defended"]
 
 
-def test_scores_are_deterministic_for_a_fixed_seed(digits):
-    pool, test, oracle = digits
+def test_scores_are_deterministic_for_a_fixed_seed(gan_digits):
+    pool, test, oracle = gan_digits
     first = _run("gan-active", pool, test, oracle, rounds=2, local_batches=4)
     second = _run("gan-active", pool, test, oracle, rounds=2, local_batches=4)
     other_seed = _run("gan-active", pool, test, oracle, rounds=2, local_batches=4, seed=1)
@@ -94,9 +84,9 @@ def test_scores_are_deterministic_for_a_fixed_seed(digits):
     assert not torch.equal(first.samples, other_seed.samples)
 
 
-def test_multi_participant_adversary_without_data(digits):
+def test_multi_participant_adversary_without_data(gan_digits):
     """Many honest participants with one class each, an adversary with no data that only injects."""
-    pool, test, oracle = digits
+    pool, test, oracle = gan_digits
     labels = [[c] for c in range(5)] + [[]]
     result = _run("gan-active", pool, test, oracle, rounds=2, participant_labels=labels,
                   samples_per_participant=40)
@@ -109,8 +99,8 @@ def test_multi_participant_adversary_without_data(digits):
     assert passive.protocol.rounds[0].local_steps[5] == 0
 
 
-def test_runs_against_protocol_and_gradient_defenses(digits):
-    pool, test, oracle = digits
+def test_runs_against_protocol_and_gradient_defenses(gan_digits):
+    pool, test, oracle = gan_digits
     sharing = DEFENSES.build("selective-sharing", {"theta_u": 0.1, "theta_d": 0.1})
     result = _run("gan-active", pool, test, oracle, rounds=1, local_batches=2, defense=sharing)
     num_params = result.protocol.num_params
@@ -123,8 +113,8 @@ def test_runs_against_protocol_and_gradient_defenses(digits):
     assert noisy.protocol.rounds[0].global_accuracy != clean.protocol.rounds[0].global_accuracy
 
 
-def test_target_must_belong_to_a_victim(digits):
-    pool, test, oracle = digits
+def test_target_must_belong_to_a_victim(gan_digits):
+    pool, test, oracle = gan_digits
     attack = ATTACKS.build("gan-active", {"target_class": 7})  # 7 is the adversary's own (5-9)
     with pytest.raises(ConfigError, match="target_class"):
         attack.run_collaborative(protocol=ProtocolConfig(max_rounds=1), train=pool, test=test)
@@ -144,8 +134,8 @@ def test_adversary_is_a_protocol_participant():
 
 # -- scoring -------------------------------------------------------------------------------------------------
 
-def test_scores_separate_real_class_images_from_noise(digits, tmp_path):
-    pool, test, oracle = digits
+def test_scores_separate_real_class_images_from_noise(gan_digits, tmp_path):
+    pool, test, oracle = gan_digits
     assert oracle.accuracy(test) >= 0.8
     real = test.images[test.labels == TARGET][:20]
     real_score = score_samples(real, target_class=TARGET, oracle=oracle, references=pool)

@@ -1,8 +1,6 @@
 """Grids as data, validation before running, and the CLI's exit codes and one-line errors."""
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

@@ -2,11 +2,9 @@
 attack. Hitaj et al.'s claim (Fig. 5): it works on an MLP and fails on a CNN."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from leakbench.data import load
-from leakbench.leak_scores import holdout_split, score_samples, train_oracle
+from leakbench.leak_scores import score_samples
 from leakbench.models import build_model
 from leakbench.registry import ATTACKS, DEFENSES
 from leakbench.training import TrainingConfig, train_with_defense
@@ -14,15 +12,6 @@ from leakbench.training import TrainingConfig, train_with_defense
 # lambda 1 rather than Fredrikson's 0.1: with 0.1, 2,000 steps leave p(target) below 0.6 for most
 # classes on both models; the early stop at p >= 0.98 keeps the test short.
 FAST = {"steps": 1000, "step_size": 1.0, "stop_cost": 0.02}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(1)
-    train = load("digits", "train", image_size=32, scale="[-1,1]")
-    test = load("digits", "test", image_size=32, scale="[-1,1]")
-    pool, oracle_data = holdout_split(train, fraction=0.3, seed=0)
-    return pool, test, train_oracle(oracle_data, seed=0)
 
 
 def _trained(name, params, pool, test):
@@ -37,11 +26,11 @@ def _oracle_accuracy(images, pool, oracle):
     return sum(s["oracle_accuracy"] for s in scores) / 10, sum(s["nn_ssim"] for s in scores) / 10
 
 
-def test_inversion_works_on_the_mlp_and_fails_on_the_cnn(digits):
+def test_inversion_works_on_the_mlp_and_fails_on_the_cnn(gan_digits):
     """Measured (seed 0): MLP (one sigmoid hidden layer of 256) 0.8 of the 10 inverted classes
     recognised by the oracle, Hitaj's MNIST CNN 0.3; both models ~95% accurate and both inversions
     reach p(target) >= 0.98 (the CNN's are adversarial patterns the oracle does not recognise)."""
-    pool, test, oracle = digits
+    pool, test, oracle = gan_digits
     attack = ATTACKS.build("model-inversion", FAST)
     mlp, mlp_accuracy = _trained("mlp", {"depth": 1, "hidden": 256, "activation": "sigmoid"}, pool, test)
     cnn, cnn_accuracy = _trained("hitaj-mnist-cnn", {"extra_class": False}, pool, test)

@@ -1,11 +1,9 @@
 """End-to-end runs of a tiny grid: records, tables, images, resume after a kill, torn lines."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
