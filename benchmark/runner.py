@@ -256,23 +256,23 @@ class Runner:
         done = self.store.completed_keys(repair=True)
         return [c for c in self.grid.cells() if c.key() not in done]
 
-    def run(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    def run(self) -> list[dict]:
+        """Run every pending cell, appending each record as it finishes; returns the new records."""
         out = self.options.out_dir
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "grid.json", json.dumps(_grid_snapshot(self.grid), indent=2, sort_keys=True))
+        total = len(self.grid.cells())
         cells = self.pending()
         from tqdm import tqdm
 
-        bar = tqdm(total=len(self.grid.cells()), initial=len(self.grid.cells()) - len(cells), unit="cell",
-                   desc=f"leakbench {self.grid.name}", disable=not self.options.progress, file=sys.stderr)
+        bar = tqdm(total=total, initial=total - len(cells), unit="cell", desc=f"leakbench {self.grid.name}",
+                   disable=not self.options.progress, file=sys.stderr)
         written = []
         for cell in cells:
-            bar.set_postfix_str(f"{cell.attack.name} vs {DEFENSES.build(cell.defense.name, cell.defense.params).label()}")
+            bar.set_postfix_str(f"{cell.attack.name} vs {cell.defense.name} {cell.defense.params or ''}")
             record = self.run_cell(cell)
             self.store.append(record)
             written.append(record)
-            if on_record is not None:
-                on_record(record)
             bar.update(1)
         bar.close()
         return written
