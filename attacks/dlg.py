@@ -11,6 +11,7 @@ from ..params import Param
 from ..registry import register_attack
 from ..threat import AttackTask, Monitor, Reconstruction
 from .base import Attack
+from .engine import EngineSettings, solve
 from .gradient_matching import LBFGSRun, gradient_distance, run_steps
 
 _COMMON = (
@@ -21,7 +22,36 @@ _COMMON = (
     Param("stop_distance", float, 0.0,
           "stop once the gradient distance (visible to the attacker) falls below this; 0 runs every step",
           low=0.0),
+    Param("engine", str, "batched",
+          "'batched': all targets of a cell in one vectorised program (same trajectories per target); "
+          "'reference': one torch.optim.LBFGS run at a time", choices=("batched", "reference")),
+    Param("slots", int, 64, "batched engine: instances advanced together", low=1),
+    Param("compile", bool, False, "batched engine: torch.compile the objective (pays off on long runs)"),
+    Param("restarts", int, 0, "batched engine: fresh restarts of an instance that diverges, within its budget",
+          low=0),
 )
+
+
+class _GradientMatchingAttack(Attack):
+    """Shared by the DLG family: the batched engine unless ``engine: reference``."""
+
+    cyclic = False
+
+    def fixed_labels(self, task: AttackTask) -> torch.Tensor | None:
+        return None  # labels are optimised
+
+    def label_method(self, task: AttackTask) -> str:
+        return "optimised"
+
+    def run(self, tasks, *, monitors=None):
+        if self.engine == "reference" or not tasks:
+            return super().run(tasks, monitors=monitors)
+        settings = EngineSettings(steps=self.steps, lr=self.lr, max_iter=self.max_iter,
+                                  history_size=self.history_size, stop_distance=self.stop_distance,
+                                  slots=self.slots, compile=self.compile, restarts=self.restarts,
+                                  cyclic=self.cyclic)
+        return solve(tasks, settings, fixed_labels=self.fixed_labels, label_method=self.label_method,
+                     monitors=monitors)
 
 
 def _attacker_model(task: AttackTask) -> torch.nn.Module:
@@ -34,10 +64,11 @@ def _attacker_model(task: AttackTask) -> torch.nn.Module:
 
 def _dummy(task: AttackTask, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1, line 2: dummy inputs and label logits ~ N(0, 1)."""
-    device = next(task.model.parameters()).device
+    weight = next(task.model.parameters())
     shape = (task.batch_size, *task.input_shape)
-    x = torch.randn(shape, generator=generator).to(device)  # drawn on the CPU: the same dummies on any device
-    logits = torch.randn(task.batch_size, task.num_classes, generator=generator).to(device)
+    # drawn on the CPU in float32: the same dummies on any device and in any precision
+    x = torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
+    logits = torch.randn(task.batch_size, task.num_classes, generator=generator).to(weight.device, weight.dtype)
     return x, logits
 
 
@@ -67,7 +98,7 @@ def analytic_labels(task: AttackTask) -> torch.Tensor:
 
 
 @register_attack("dlg")
-class DLG(Attack):
+class DLG(_GradientMatchingAttack):
     """Algorithm 1: dummy inputs and soft labels optimised jointly with L-BFGS to match the gradient."""
 
     params = (Param("batch_size", int, 1, "victim batch size attacked (a large-batch defense overrides it)",
@@ -89,10 +120,16 @@ class DLG(Attack):
 
 
 @register_attack("idlg")
-class IDLG(Attack):
+class IDLG(_GradientMatchingAttack):
     """iDLG: the label is read off the output layer's gradient, then only the input is optimised."""
 
     params = DLG.params
+
+    def fixed_labels(self, task: AttackTask) -> torch.Tensor:
+        return analytic_labels(task)
+
+    def label_method(self, task: AttackTask) -> str:
+        return "analytic" if task.batch_size == 1 else "analytic-batch-heuristic"
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
         model = _attacker_model(task)
@@ -112,7 +149,7 @@ class IDLG(Attack):
 
 
 @register_attack("dlg-batched")
-class BatchedDLG(Attack):
+class BatchedDLG(_GradientMatchingAttack):
     """DLG for a batch of N with the per-sample cyclic update of eq. (5): step i updates only sample
     i mod N. ``steps`` counts the cyclic iterations in total.
 
@@ -129,6 +166,7 @@ class BatchedDLG(Attack):
               *({"steps": Param("steps", int, 1200, "cyclic iterations in total (paper: 1200)", low=1),
                  "max_iter": Param("max_iter", int, 5, "objective evaluations per cyclic step at most", low=1),
                  }.get(p.name, p) for p in _COMMON))
+    cyclic = True
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
         model = _attacker_model(task)

@@ -82,3 +82,62 @@ def run_steps(runs: list[LBFGSRun], steps: int, schedule: Callable[[int], int],
         if stop_distance > 0 and run.distance < stop_distance and all(r.distance < stop_distance for r in runs):
             break
     return taken
+
+
+class BatchedGradientMatching:
+    """The DLG objective of many independent instances in one vectorised program.
+
+    Instance i has its own model weights, its own shared update and its own dummies; the architecture
+    is common. Each instance's variables are one flat row: its dummy inputs, then (when labels are
+    optimised) its label logits, in the order ``torch.optim.LBFGS`` would flatten ``[x, logits]``.
+    ``torch.func`` gives the per-instance parameter gradient (``grad``), the distance to the target,
+    and its gradient w.r.t. the row (``grad_and_value``), all under one ``vmap``: one forward/backward
+    over every running instance instead of one small program per instance. The same function is what
+    ``torch.compile`` can compile (the double-backward of the eager autograd path cannot be).
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                 targets: list[torch.Tensor], *, input_shape: tuple[int, ...], batch_size: int,
+                 num_classes: int, onehot: torch.Tensor | None = None, compile: bool = False) -> None:
+        from torch.func import functional_call, grad, grad_and_value, vmap
+
+        self.params, self.buffers, self.targets, self.onehot = params, buffers, targets, onehot
+        self.n_x = batch_size * math.prod(input_shape)
+        self.x_shape = (batch_size, *input_shape)
+        self.logit_shape = (batch_size, num_classes)
+        names = list(params)
+
+        def distance(p, bufs, target, row, labels):
+            x = row[:self.n_x].view(self.x_shape)
+            soft = labels if labels is not None else torch.softmax(row[self.n_x:].view(self.logit_shape), -1)
+
+            def training_loss(weights):
+                return soft_cross_entropy(functional_call(model, (weights, bufs), (x,)), soft)
+
+            g = grad(training_loss)(p)
+            return sum(((g[n] - t) ** 2).sum() for n, t in zip(names, target))
+
+        in_dims = (0, 0, 0, 0, 0 if onehot is not None else None)
+        fn = vmap(grad_and_value(distance, argnums=3), in_dims=in_dims)
+        if compile:
+            fn = torch.compile(fn, dynamic=True)
+        self._fn = fn
+
+    @property
+    def width(self) -> int:
+        return self.n_x + (0 if self.onehot is not None else math.prod(self.logit_shape))
+
+    def __call__(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = lambda t: t.index_select(0, ids)  # noqa: E731
+        params = {n: pick(p) for n, p in self.params.items()}
+        buffers = {n: pick(b) for n, b in self.buffers.items()}
+        targets = [pick(t) for t in self.targets]
+        labels = pick(self.onehot) if self.onehot is not None else None
+        grads, values = self._fn(params, buffers, targets, rows, labels)
+        return values.detach(), grads.detach()
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(dummy inputs (M, N, C, H, W), label logits (M, N, classes) or None) of flat rows."""
+        x = rows[:, :self.n_x].reshape(-1, *self.x_shape)
+        logits = None if self.onehot is not None else rows[:, self.n_x:].reshape(-1, *self.logit_shape)
+        return x, logits

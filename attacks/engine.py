@@ -1,0 +1,137 @@
+"""The vectorised attack engine: many gradient-matching attacks in one program.
+
+Tasks that share an architecture and shapes (targets, restarts, defense settings) become instances of
+one ``BatchedGradientMatching`` objective, minimised by one ``BatchedLBFGS``: per-instance weights,
+targets, dummies and optimiser state, one vectorised forward/backward per tick. Each instance follows
+the trajectory its own ``torch.optim.LBFGS`` run would (up to floating-point rounding), so the attack
+is unchanged; only the cost is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..threat import AttackTask, Monitor, Reconstruction
+from .batched_lbfgs import DIVERGED, BatchedLBFGS
+from .gradient_matching import BatchedGradientMatching
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    steps: int
+    lr: float = 1.0
+    max_iter: int = 20
+    history_size: int = 100
+    stop_distance: float = 0.0
+    slots: int = 64
+    compile: bool = False
+    restarts: int = 0
+    cyclic: bool = False     # dlg-batched: step i moves only sample i mod N, from a fresh L-BFGS state
+
+
+# task -> fixed one-hot labels (N, classes) for attacks that do not optimise labels, else None
+LabelRule = Callable[[AttackTask], torch.Tensor | None]
+
+
+def _group_key(task: AttackTask) -> tuple:
+    model = task.model
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
+    device = next(model.parameters()).device
+    return (type(model).__qualname__, shapes, task.input_shape, task.batch_size, task.num_classes, str(device))
+
+
+def _initial_row(task: AttackTask, seed: int, with_logits: bool) -> torch.Tensor:
+    """Algorithm 1, line 2, drawn exactly as the one-at-a-time attack draws it (x, then logits)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((task.batch_size, *task.input_shape), generator=g)
+    logits = torch.randn(task.batch_size, task.num_classes, generator=g)
+    return torch.cat([x.flatten(), logits.flatten()]) if with_logits else x.flatten()
+
+
+def solve(tasks: Sequence[AttackTask], settings: EngineSettings, *, fixed_labels: LabelRule,
+          label_method: Callable[[AttackTask], str], monitors: Sequence[Monitor | None] | None = None
+          ) -> list[Reconstruction]:
+    """Reconstructions of ``tasks`` (in order), solved group by group in vectorised programs."""
+    monitors = list(monitors) if monitors is not None else [None] * len(tasks)
+    out: list[Reconstruction | None] = [None] * len(tasks)
+    groups: dict[tuple, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(_group_key(task), []).append(i)
+    for members in groups.values():
+        for i, rec in zip(members, _solve_group([tasks[i] for i in members], settings, fixed_labels,
+                                                label_method, [monitors[i] for i in members])):
+            out[i] = rec
+    return out  # type: ignore[return-value]
+
+
+def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: LabelRule,
+                 label_method: Callable[[AttackTask], str], monitors: list[Monitor | None]) -> list[Reconstruction]:
+    first = tasks[0]
+    model = first.model
+    device = next(model.parameters()).device
+    names = [n for n, _ in model.named_parameters()]
+    if any(len(t.shared) != len(names) for t in tasks):
+        raise ValueError("the shared update must hold one tensor per model parameter")
+    params = {n: torch.stack([dict(t.model.named_parameters())[n].detach() for t in tasks]) for n in names}
+    buffers = {n: torch.stack([dict(t.model.named_buffers())[n] for t in tasks]) for n, _ in model.named_buffers()}
+    targets = [torch.stack([t.shared[j].detach().to(device) for t in tasks]) for j in range(len(names))]
+    labels = [fixed_labels(t) for t in tasks]
+    onehot = None
+    if labels[0] is not None:
+        onehot = torch.stack([F.one_hot(lab.to(device), first.num_classes).to(params[names[0]].dtype)
+                              for lab in labels])
+    was_training = [t.model.training for t in tasks]
+    model.eval()  # functional_call runs the template module: the attacker evaluates in eval mode
+    objective = BatchedGradientMatching(model, params, buffers, targets, input_shape=first.input_shape,
+                                        batch_size=first.batch_size, num_classes=first.num_classes,
+                                        onehot=onehot, compile=st.compile)
+    with_logits = onehot is None
+    x0 = torch.stack([_initial_row(t, t.seed, with_logits) for t in tasks]).to(device, params[names[0]].dtype)
+
+    mask_fn = None
+    n = first.batch_size
+    if st.cyclic and n > 1:
+        # dlg-batched's eq. (5): step i moves only sample i mod N. Zeroing the gradient outside that
+        # sample's coordinates, with a fresh L-BFGS state each step, is exactly an L-BFGS run on the
+        # sample's own variables (directions, step lengths and stopping tests only see those).
+        per_sample = torch.zeros(n, x0.shape[1], dtype=torch.bool, device=device)
+        n_pix = objective.n_x // n
+        n_lab = first.num_classes
+        for i in range(n):
+            per_sample[i, i * n_pix:(i + 1) * n_pix] = True
+            if with_logits:
+                per_sample[i, objective.n_x + i * n_lab: objective.n_x + (i + 1) * n_lab] = True
+        mask_fn = lambda step_count: per_sample[step_count % n]  # noqa: E731
+
+    def reinit(inst: int, restart: int) -> torch.Tensor:
+        seed = (tasks[inst].seed * 1_000_003 + restart) & 0x7FFFFFFF
+        return _initial_row(tasks[inst], seed, with_logits).to(device, x0.dtype)
+
+    def on_step(inst: int, step: int, row: torch.Tensor) -> None:
+        if monitors[inst] is not None:
+            images, logits = objective.split(row[None])
+            lab = logits[0].argmax(-1) if logits is not None else labels[inst]
+            monitors[inst](step, images[0].detach(), lab)
+
+    optimiser = BatchedLBFGS(steps=st.steps, lr=st.lr, max_iter=st.max_iter, history_size=st.history_size,
+                             slots=st.slots, stop_loss=st.stop_distance, restarts=st.restarts,
+                             fresh_each_step=mask_fn is not None, gradient_mask=mask_fn,
+                             idle_limit=n if mask_fn is not None else 1)
+    try:
+        result = optimiser.minimize(objective, x0, reinit=reinit if st.restarts else None,
+                                    on_step=on_step if any(m is not None for m in monitors) else None)
+    finally:
+        for t, mode in zip(tasks, was_training):
+            t.model.train(mode)
+    images, logits = objective.split(result.x)
+    recs = []
+    for i, task in enumerate(tasks):
+        lab = logits[i].argmax(-1) if logits is not None else labels[i]
+        recs.append(Reconstruction(images[i].detach().clone(), lab, int(result.steps[i]), int(result.evals[i]),
+                                   float(result.loss[i]), result.status[i] == DIVERGED, label_method(task),
+                                   extra={"engine": "batched", "stopped": result.status[i],
+                                          "restarts": int(result.restarts[i])}))
+    return recs
