@@ -43,6 +43,13 @@ def _group_key(task: AttackTask) -> tuple:
     return (type(model).__qualname__, shapes, task.input_shape, task.batch_size, task.num_classes, str(device))
 
 
+def _same_weights(models: list[torch.nn.Module]) -> bool:
+    """True when every task attacks the same weights (then they need not be batched)."""
+    first = dict(models[0].state_dict())
+    return all(m is models[0] or all(torch.equal(first[k], v) for k, v in m.state_dict().items())
+               for m in models[1:])
+
+
 def _initial_row(task: AttackTask, seed: int, with_logits: bool) -> torch.Tensor:
     """Algorithm 1, line 2, drawn exactly as the one-at-a-time attack draws it (x, then logits)."""
     g = torch.Generator().manual_seed(seed)
@@ -75,8 +82,14 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
     names = [n for n, _ in model.named_parameters()]
     if any(len(t.shared) != len(names) for t in tasks):
         raise ValueError("the shared update must hold one tensor per model parameter")
-    params = {n: torch.stack([dict(t.model.named_parameters())[n].detach() for t in tasks]) for n in names}
-    buffers = {n: torch.stack([dict(t.model.named_buffers())[n] for t in tasks]) for n, _ in model.named_buffers()}
+    shared_weights = _same_weights([t.model for t in tasks])
+    if shared_weights:
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+    else:
+        params = {n: torch.stack([dict(t.model.named_parameters())[n].detach() for t in tasks]) for n in names}
+        buffers = {n: torch.stack([dict(t.model.named_buffers())[n] for t in tasks])
+                   for n, _ in model.named_buffers()}
     targets = [torch.stack([t.shared[j].detach().to(device) for t in tasks]) for j in range(len(names))]
     labels = [fixed_labels(t) for t in tasks]
     onehot = None
@@ -87,7 +100,7 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
     model.eval()  # functional_call runs the template module: the attacker evaluates in eval mode
     objective = BatchedGradientMatching(model, params, buffers, targets, input_shape=first.input_shape,
                                         batch_size=first.batch_size, num_classes=first.num_classes,
-                                        onehot=onehot, compile=st.compile)
+                                        onehot=onehot, compile=st.compile, shared_weights=shared_weights)
     with_logits = onehot is None
     x0 = torch.stack([_initial_row(t, t.seed, with_logits) for t in tasks]).to(device, params[names[0]].dtype)
 

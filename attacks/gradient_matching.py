@@ -87,8 +87,8 @@ def run_steps(runs: list[LBFGSRun], steps: int, schedule: Callable[[int], int],
 class BatchedGradientMatching:
     """The DLG objective of many independent instances in one vectorised program.
 
-    Instance i has its own model weights, its own shared update and its own dummies; the architecture
-    is common. Each instance's variables are one flat row: its dummy inputs, then (when labels are
+    Instance i has its own model weights (or all share one model: ``shared_weights``, unbatched
+    ``params``), its own shared update and its own dummies; the architecture is common. Each instance's variables are one flat row: its dummy inputs, then (when labels are
     optimised) its label logits, in the order ``torch.optim.LBFGS`` would flatten ``[x, logits]``.
     ``torch.func`` gives the per-instance parameter gradient (``grad``), the distance to the target,
     and its gradient w.r.t. the row (``grad_and_value``), all under one ``vmap``: one forward/backward
@@ -98,7 +98,8 @@ class BatchedGradientMatching:
 
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                  targets: list[torch.Tensor], *, input_shape: tuple[int, ...], batch_size: int,
-                 num_classes: int, onehot: torch.Tensor | None = None, compile: bool = False) -> None:
+                 num_classes: int, onehot: torch.Tensor | None = None, compile: bool = False,
+                 shared_weights: bool = False) -> None:
         from torch.func import functional_call, grad, grad_and_value, vmap
 
         self.params, self.buffers, self.targets, self.onehot = params, buffers, targets, onehot
@@ -117,7 +118,12 @@ class BatchedGradientMatching:
             g = grad(training_loss)(p)
             return sum(((g[n] - t) ** 2).sum() for n, t in zip(names, target))
 
-        in_dims = (0, 0, 0, 0, 0 if onehot is not None else None)
+        # with one model for every instance (the DLG reference attacks many images of one network) the
+        # weights are not batched, so convolutions run as one ordinary batched convolution instead of
+        # a grouped one with a weight per instance
+        self.shared_weights = shared_weights
+        weight_dim = None if shared_weights else 0
+        in_dims = (weight_dim, weight_dim, 0, 0, 0 if onehot is not None else None)
         fn = vmap(grad_and_value(distance, argnums=3), in_dims=in_dims)
         if compile:
             fn = torch.compile(fn, dynamic=True)
@@ -129,8 +135,10 @@ class BatchedGradientMatching:
 
     def __call__(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pick = lambda t: t.index_select(0, ids)  # noqa: E731
-        params = {n: pick(p) for n, p in self.params.items()}
-        buffers = {n: pick(b) for n, b in self.buffers.items()}
+        params, buffers = self.params, self.buffers
+        if not self.shared_weights:
+            params = {n: pick(p) for n, p in params.items()}
+            buffers = {n: pick(b) for n, b in buffers.items()}
         targets = [pick(t) for t in self.targets]
         labels = pick(self.onehot) if self.onehot is not None else None
         grads, values = self._fn(params, buffers, targets, rows, labels)

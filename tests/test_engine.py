@@ -136,13 +136,13 @@ def test_stop_loss_ends_an_instance_early_and_frees_its_work():
     assert (early.loss < target).all() and (early.evals < full.evals).all()
 
 
-def _tasks(dtype, batch_size, targets=3, size=8):
+def _tasks(dtype, batch_size, targets=3, size=8, one_model=False):
     data = load("digits", "test", image_size=size)
     tasks = []
     for t in range(targets):
         idx = torch.arange(t * batch_size, (t + 1) * batch_size)
         x, y = data.images[idx].to(dtype), data.labels[idx]
-        model = build_model("lenet-zhu", data.shape, 10, seed=t).to(dtype)
+        model = build_model("lenet-zhu", data.shape, 10, seed=0 if one_model else t).to(dtype)
         shared = DEFENSES.build("none").share(model, x, F.one_hot(y, 10).to(dtype))
         tasks.append(AttackTask(model=model, shared=shared, input_shape=data.shape, num_classes=10,
                                 batch_size=batch_size, seed=t))
@@ -163,6 +163,18 @@ def test_batched_dlg_family_reproduces_the_one_at_a_time_attack_in_float64(name,
         assert torch.allclose(b.images, r.images, atol=1e-7, rtol=0)
         assert torch.equal(b.labels, r.labels)
         assert b.closure_evals <= r.closure_evals  # the engine reuses torch's repeated evaluation
+
+
+def test_targets_of_one_model_share_unbatched_weights_and_match_the_reference():
+    from leakbench.attacks import engine
+
+    tasks = _tasks(torch.float64, 1, one_model=True)
+    assert engine._same_weights([t.model for t in tasks])
+    assert not engine._same_weights([t.model for t in _tasks(torch.float64, 1)])
+    batched = ATTACKS.build("idlg", {"steps": 6}).run(tasks)
+    reference = ATTACKS.build("idlg", {"steps": 6, "engine": "reference"}).run(tasks)
+    for b, r in zip(batched, reference):
+        assert torch.allclose(b.images, r.images, atol=1e-7, rtol=0)
 
 
 def test_engine_records_are_deterministic_and_monitored():
