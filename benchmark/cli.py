@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_BOARD_PROTOCOL = "v1-smoke"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="leakbench-out", help="output folder (results.jsonl, tables, PNGs)")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     run.add_argument("--seed", type=int, default=None, help="run only this seed instead of the grid's seeds")
-    run.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch intra-op threads per worker (default: torch's when serial, else cores / workers)")
+    run.add_argument("--workers", type=int, default=1, help="cells run in parallel (default 1: serially)")
+    run.add_argument("--executor", default="local", help="local (a process pool on this machine) or ray [local]")
+    run.add_argument("--ray-address", default=None,
+                     help="a running Ray cluster, e.g. HOST:6379 (default: start a local Ray instance)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     val = sub.add_parser("validate", help="check a grid without running it")
@@ -52,6 +58,42 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", default="all",
                      choices=["all", "attacks", "defenses", "datasets", "models", "metrics", "grids"])
     lst.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'dlg*'")
+
+    board = sub.add_parser("leaderboard", help="render the leaderboards (Markdown and HTML), or verify entries",
+                           usage="leakbench leaderboard [render|verify] [ENTRY ...] [--protocol P] [--root DIR]")
+    board.add_argument("words", nargs="*", metavar="[render|verify] [ENTRY ...]",
+                       help="render (default): validate every entry under --root and write README.md and "
+                            "<protocol>/index.html there; verify [ENTRY ...]: re-run a sample of each entry's "
+                            "cells (default: every entry of --protocol) and compare")
+    board.add_argument("--protocol", default=None,
+                       help=f"render: also render this protocol's board when it has no entries yet; "
+                            f"verify: the entries' protocol [{DEFAULT_BOARD_PROTOCOL}]")
+    board.add_argument("--root", default="leaderboards", help="the leaderboards folder [leaderboards]")
+    board.add_argument("--data-dir", default=None,
+                       help="verify: local dataset mirror (default: $LEAKBENCH_DATA_DIR)")
+
+    smt = sub.add_parser("submit", help="run the leaderboard protocol on a defense and write its board entry",
+                         usage="leakbench submit SPEC --name NAME [--params k=v ...] [--smoke] [options]")
+    smt.add_argument("spec", metavar="SPEC",
+                     help="path/to/file.py:ClassName, entry-point:NAME (group leakbench.defenses) or builtin:NAME")
+    smt.add_argument("--name", required=True, help="the entry's name on the board: [a-z0-9][a-z0-9._-]*")
+    smt.add_argument("--authors", default="anonymous")
+    smt.add_argument("--link", default=None, help="http(s) URL of a paper or repository")
+    smt.add_argument("--params", nargs="*", default=[], metavar="K=V", help="the defense's parameters (YAML values)")
+    smt.add_argument("--protocol", default=None, choices=["v1", "v1-smoke"],
+                     help=f"leaderboard protocol [{DEFAULT_BOARD_PROTOCOL}]")
+    smt.add_argument("--smoke", action="store_true", help="the CPU-sized protocol (= --protocol v1-smoke)")
+    smt.add_argument("--reported", nargs="*", default=[], metavar="K=V",
+                     help="what the submitter claims (recorded under `reported`, never ranked)")
+    smt.add_argument("--reported-file", default=None, help="a JSON object of claims, merged under `reported`")
+    smt.add_argument("--root", default="leaderboards", help="the leaderboards folder [leaderboards]")
+    smt.add_argument("--replace", action="store_true", help="overwrite an entry of the same name")
+    smt.add_argument("--timeout", type=float, default=None,
+                     help="wall-clock limit of the whole submission in seconds [3600]")
+    smt.add_argument("--memory-mb", type=int, default=None,
+                     help="address-space limit of the sandboxed defense in MiB [4096]")
+    smt.add_argument("--data-dir", default=None, help="local dataset mirror (default: $LEAKBENCH_DATA_DIR)")
+    smt.add_argument("--device", default="cpu", help="where leakbench trains and attacks: cpu or cuda[:N]")
     return parser
 
 
@@ -70,6 +112,7 @@ def _device(name: str) -> str:
 def cmd_run(args) -> int:
     import torch
 
+    from .executors import make_executor
     from .grid import load_grid
     from .report import render
     from .runner import RunOptions, Runner
@@ -85,6 +128,7 @@ def cmd_run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
         torch.set_num_threads(args.threads)
+    executor = make_executor(args.executor, args.workers, args.threads, args.ray_address)
     data_dir = args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR")
     if data_dir and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir {data_dir!r} is not a folder")
@@ -96,7 +140,8 @@ def cmd_run(args) -> int:
     for g in grid.all_grids():  # a missing dataset is bad input: fail before the first cell runs
         for ds in g.datasets:
             runner.dataset(ds, g.split)
-    runner.run()
+    with executor:
+        runner.run(executor)
     print(render(out))
     print(f"results: {out / 'results.jsonl'}; tables: {out / 'table.md'} .csv .tex; images: {out}/reconstructions_*.png")
     return EXIT_OK
@@ -150,7 +195,86 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "list": cmd_list}
+def cmd_leaderboard(args) -> int:
+    action, entries = "render", list(args.words)
+    if entries and entries[0] in ("render", "verify"):
+        action = entries.pop(0)
+    root = Path(args.root)
+    if action == "verify":
+        # imported only when asked: it runs the protocol; with no ENTRY it verifies the whole board
+        from .board_protocol import verify_entries
+
+        return verify_entries([Path(e) for e in entries], root=root, protocol=args.protocol or DEFAULT_BOARD_PROTOCOL,
+                              data_dir=args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR"))
+    if entries:
+        raise ConfigError(f"leaderboard render takes no ENTRY ({entries[0]!r}); it renders every entry under "
+                          f"--root; allowed: render, verify ENTRY ...")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--root {str(root)!r} is not a folder")
+    from .board import render_boards
+
+    written = render_boards(root, protocols=[args.protocol] if args.protocol else None)
+    print("; ".join(f"{kind}: {path}" for kind, path in written.items()))
+    return EXIT_OK
+
+
+def _key_values(pairs: list[str], option: str) -> dict:
+    """``k=v`` pairs with YAML values (1e-3, true, [1, 2]); a one-line ConfigError for anything else."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} {pair!r} is invalid; allowed: KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{option} {pair!r}: the value is not valid YAML") from None
+    return out
+
+
+def cmd_submit(args) -> int:
+    import json
+    import time
+
+    import torch
+
+    from .board_protocol import submit
+    from .submission import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLimits
+
+    if args.smoke and args.protocol not in (None, "v1-smoke"):
+        raise ConfigError(f"--smoke conflicts with --protocol {args.protocol}; allowed: one of them")
+    protocol = "v1-smoke" if args.smoke else (args.protocol or DEFAULT_BOARD_PROTOCOL)
+    reported = {}
+    if args.reported_file:
+        try:
+            reported = json.loads(Path(args.reported_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--reported-file {args.reported_file!r}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(reported, dict):
+            raise ConfigError(f"--reported-file {args.reported_file!r} is invalid; allowed: a JSON object")
+    reported.update(_key_values(args.reported, "--reported"))
+    limits = SandboxLimits(timeout_s=args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S,
+                           memory_mb=args.memory_mb if args.memory_mb is not None else DEFAULT_MEMORY_MB)
+    data_dir = args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR")
+    if data_dir and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir {data_dir!r} is not a folder")
+    torch.set_num_threads(1)  # the protocol's models are tiny: one thread is fastest and reproducible
+    started = time.perf_counter()
+    print(f"leakbench submit: {args.spec} as {args.name!r} under protocol {protocol}", file=sys.stderr)
+    path, entry = submit(args.spec, name=args.name, authors=args.authors, link=args.link,
+                         params=_key_values(args.params, "--params"), protocol=protocol, reported=reported,
+                         root=Path(args.root), replace=args.replace, limits=limits, data_dir=data_dir,
+                         device=_device(args.device), progress=lambda line: print(line, file=sys.stderr))
+    worst = entry["worst_case"]
+    print(f"wrote {path}: accuracy {entry['accuracy']['value']:.1%} (baseline {entry['accuracy']['baseline']:.1%}), "
+          f"worst-case leak {worst['leak_rate']:.0%} ({worst['attack']}), {time.perf_counter() - started:.0f} s")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "list": cmd_list,
+            "leaderboard": cmd_leaderboard, "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:

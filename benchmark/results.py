@@ -1,9 +1,13 @@
 """``results.jsonl``: one JSON object per finished cell, appended whole or not at all.
 
 Each record is written with a single ``write`` on a file opened for appending, under an exclusive
-``flock``, then fsynced, so concurrent writers (parallel workers) never interleave lines. A run that
-is killed mid-write can leave a torn last line: reading drops it (and trims it from the file when
-asked to repair), so that cell simply runs again on resume.
+``flock``, then fsynced, so concurrent writers never interleave lines (a parallel run has one writer,
+the parent process, but two runs on one folder may overlap). A run that is killed mid-write can leave
+a torn last line: reading drops it (and trims it from the file when asked to repair), so that cell
+simply runs again on resume.
+
+Shared work (accuracy runs, oracles) is cached on disk by ``computed_once``: one worker computes an
+entry while the others wait on its lock and then read it.
 """
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
+from filelock import FileLock
+
+T = TypeVar("T")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -88,3 +95,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path], T],
+                  write: Callable[[Path, T], None]) -> T:
+    """The value cached at ``path``, computed at most once however many processes ask at the same
+    time: the first takes a per-entry file lock and computes; the others block on the lock, then find
+    the entry written and read it. (filelock, a torch dependency, rather than hand-rolled flock code.)
+    An entry that cannot be read (torn by a crash of an older version, another format) is recomputed."""
+
+    def cached() -> tuple[bool, Any]:
+        if not path.exists():
+            return False, None
+        try:
+            return True, read(path)
+        except Exception:  # noqa: BLE001  any unreadable entry is recomputed, whatever the reader raised
+            return False, None
+
+    found, value = cached()  # the common case needs no lock
+    if found:
+        return value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        found, value = cached()  # another process may have written it while this one waited
+        if found:
+            return value
+        value = compute()
+        write(path, value)  # written atomically (rename) before the lock is released
+        return value

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -23,8 +23,11 @@ from .grid import Cell, ComponentSpec, Grid, config_hash
 from .metrics import match_reconstructions, score_reconstruction
 from .models import output_width
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from .results import ResultsStore, atomic_write_bytes, atomic_write_text
+from .results import ResultsStore, atomic_write_bytes, atomic_write_text, computed_once
 from .threat import AttackTask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .executors import CellExecutor
 
 CONVERGED_MSE = 1e-3  # a batch counts as recovered once every matched sample is below this MSE
 
@@ -94,26 +97,42 @@ class Runner:
         return model.to(self.options.device)
 
     def accuracy(self, cell: Cell) -> dict[str, Any]:
-        """Accuracy of training under this defense setting, cached per (defense, dataset, model, seed,
-        training config): it does not depend on the attack."""
-        key_obj = {"defense": cell.defense.as_dict(), "dataset": cell.dataset.as_dict(),
-                   "model": cell.model.as_dict(), "seed": cell.seed, "accuracy": cell.grid.accuracy.as_dict(),
-                   "data_dir": bool(self.options.data_dir)}
-        path = self.cache_dir / "accuracy" / f"{config_hash(key_obj)}.json"
-        if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass  # a torn cache file is recomputed
+        """Accuracy of training under this defense setting, cached on disk per (defense, dataset, model,
+        seed, training config): it does not depend on the attack, and parallel workers compute each
+        setting once (the others wait for it)."""
+        path = self.accuracy_cache_path(cell)
+        return computed_once(path, lambda: self._train_for_accuracy(cell),
+                             read=lambda p: json.loads(p.read_text()),
+                             write=lambda p, result: atomic_write_text(p, json.dumps(result, sort_keys=True)))
+
+    def _train_for_accuracy(self, cell: Cell, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """``model``: a fresh model from :meth:`accuracy_model` to train (and leave trained); default a new one."""
         train = self.dataset(cell.dataset, "train")
         test = self.dataset(cell.dataset, "test")
         defense = DEFENSES.build(cell.defense.name, cell.defense.params)
         seed = derive_seed("accuracy", cell.seed)
-        model = self.make_model(cell, train, seed, **cell.grid.accuracy.model_params)
+        model = model if model is not None else self.accuracy_model(cell)
         torch.manual_seed(seed)
-        result = defense.accuracy_run(model=model, train=train, test=test, config=cell.grid.accuracy, seed=seed)
-        atomic_write_text(path, json.dumps(result, sort_keys=True))
-        return result
+        return defense.accuracy_run(model=model, train=train, test=test, config=cell.grid.accuracy, seed=seed)
+
+    def accuracy_model(self, cell: Cell) -> torch.nn.Module:
+        """The untrained model of the accuracy run."""
+        train = self.dataset(cell.dataset, "train")
+        return self.make_model(cell, train, derive_seed("accuracy", cell.seed), **cell.grid.accuracy.model_params)
+
+    def trained_model(self, cell: Cell) -> tuple[dict[str, Any], torch.nn.Module]:
+        """(the accuracy result, the model that run trained under the cell's defense), for attacks on the
+        finished model. The weights are cached beside the accuracy entry (same key, ``.pt``); computing
+        them also fills the accuracy entry, so other cells of the setting do not train again."""
+        from .model_cells import trained_model_entry
+
+        return trained_model_entry(self, cell, self.accuracy_cache_path(cell))
+
+    def accuracy_cache_path(self, cell: Cell) -> Path:
+        key_obj = {"defense": cell.defense.as_dict(), "dataset": cell.dataset.as_dict(),
+                   "model": cell.model.as_dict(), "seed": cell.seed, "accuracy": cell.grid.accuracy.as_dict(),
+                   "data_dir": bool(self.options.data_dir)}
+        return self.cache_dir / "accuracy" / f"{config_hash(key_obj)}.json"
 
     # -- one cell ------------------------------------------------------------------------------------
     def run_cell(self, cell: Cell) -> dict[str, Any]:
@@ -123,6 +142,10 @@ class Runner:
             from .collab_cells import run_collaborative_cell
 
             record = run_collaborative_cell(self, cell, attack, defense)
+        elif attack.setting == "model":
+            from .model_cells import run_model_cell
+
+            record = run_model_cell(self, cell, attack, defense)
         else:
             record = self.run_gradient_cell(cell, attack, defense)
         record["versions"] = library_versions()
@@ -155,6 +178,7 @@ class Runner:
                                     num_classes=classes, batch_size=batch, scale=data.scale,
                                     labels=y.clone() if grid.threat["labels_known"] else None,
                                     defense_params=defense.get_params(),
+                                    defense_name=defense.registry_name,
                                     seed=derive_seed("attack", cell.seed, t)))
             truths.append((x, y))
             converge_steps.append(None)
@@ -256,23 +280,30 @@ class Runner:
         done = self.store.completed_keys(repair=True)
         return [c for c in self.grid.cells() if c.key() not in done]
 
-    def run(self) -> list[dict]:
-        """Run every pending cell, appending each record as it finishes; returns the new records."""
-        out = self.options.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "grid.json", json.dumps(_grid_snapshot(self.grid), indent=2, sort_keys=True))
-        total = len(self.grid.cells())
-        cells = self.pending()
+    def run(self, executor: "CellExecutor | None" = None) -> list[dict]:
+        """Run every pending cell on ``executor`` (default: serially, here), appending each record as it
+        finishes; returns the new records. Only this process writes results.jsonl."""
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=total - len(cells), unit="cell", desc=f"leakbench {self.grid.name}",
-                   disable=not self.options.progress, file=sys.stderr)
+        from .executors import SerialExecutor, longest_first
+
+        executor = executor or SerialExecutor()
+        out = self.options.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        all_cells = self.grid.cells()
+        # the cell order lets the report keep the grid's order whatever order workers finish in
+        snapshot = {**_grid_snapshot(self.grid), "cell_keys": [c.key() for c in all_cells]}
+        atomic_write_text(out / "grid.json", json.dumps(snapshot, indent=2, sort_keys=True))
+        cells = self.pending()
+        if executor.parallel:
+            cells = longest_first(cells)
+        bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(cells), unit="cell",
+                   desc=f"leakbench {self.grid.name}", disable=not self.options.progress, file=sys.stderr)
         written = []
-        for cell in cells:
-            bar.set_postfix_str(f"{cell.attack.name} vs {cell.defense.name} {cell.defense.params or ''}")
-            record = self.run_cell(cell)
+        for record in executor.run(self, cells):
             self.store.append(record)
             written.append(record)
+            bar.set_postfix_str(f"{record['attack']} vs {record['defense_label']}")
             bar.update(1)
         bar.close()
         return written

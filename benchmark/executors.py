@@ -1,0 +1,239 @@
+"""Where a grid's cells run: in this process (serial), in a local process pool, or on Ray.
+
+An executor maps ``Runner.run_cell`` over cells and yields each record as its cell finishes; the
+parent process stays the only writer of ``results.jsonl`` (one flock'd append per record), so results
+stream in, a kill loses at most the cells in flight, and nothing is written twice. Every cell derives
+its seeds from its own identity (``derive_seed``), so where a cell runs does not change its numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from abc import ABC, abstractmethod
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import TYPE_CHECKING, Iterator
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .grid import Cell, Grid
+    from .runner import RunOptions, Runner
+
+EXECUTORS = ("local", "ray")
+
+
+def available_cores() -> int:
+    """Cores this process may use (the affinity mask, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int, threads: int | None) -> int:
+    """torch intra-op threads per worker: ``--threads`` if given, else the cores split evenly, so that
+    N workers of torch's default (one thread per core each) do not oversubscribe the machine."""
+    return threads if threads is not None else max(1, available_cores() // workers)
+
+
+def longest_first(cells: list["Cell"]) -> list["Cell"]:
+    """A cheap schedule for a pool: collaborative cells first (each runs the whole protocol, about a
+    minute on the quick grid against seconds for a gradient cell), so the run does not end with one
+    worker busy on a long cell while the others idle. Gradient cells go attack-major, so that cells in
+    flight at the same time have different defense settings and do not wait on the same accuracy run."""
+    from .registry import ATTACKS
+
+    return sorted(cells, key=lambda c: (ATTACKS.get(c.attack.name).setting != "collaborative",
+                                        c.grid.attacks.index(c.attack)))
+
+
+class CellExecutor(ABC):
+    """Runs cells and yields their records in the order they finish. Use as a context manager."""
+
+    parallel = False
+
+    def __enter__(self) -> "CellExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @abstractmethod
+    def run(self, runner: "Runner", cells: list["Cell"]) -> Iterator[dict]:
+        ...
+
+
+class SerialExecutor(CellExecutor):
+    """Today's behaviour: one cell after another in this process, in grid order."""
+
+    def run(self, runner, cells):
+        for cell in cells:
+            yield runner.run_cell(cell)
+
+
+# -- worker side (a spawned process or a Ray worker) ------------------------------------------------
+
+_worker_runner: "Runner | None" = None
+_worker_run_id: str | None = None
+_worker_cells: dict[str, "Cell"] = {}
+
+
+def _start_worker(grid: "Grid", options: "RunOptions", threads: int, run_id: str) -> None:
+    """Build this worker's Runner once per run: it keeps decoded datasets and oracles in memory across
+    the cells the worker is given (the accuracy and oracle caches on disk are shared by all workers)."""
+    global _worker_runner, _worker_run_id, _worker_cells
+    if _worker_run_id == run_id:
+        return
+    import torch
+
+    from .registry import _ensure_builtins
+    from .runner import Runner
+
+    torch.set_num_threads(threads)
+    _ensure_builtins()  # entry-point plugins register in every worker as they do in the parent
+    _worker_runner = Runner(grid, options)
+    _worker_cells = {c.key(): c for c in grid.cells()}
+    _worker_run_id = run_id
+
+
+def _run_cell_by_key(key: str) -> dict:
+    return _worker_runner.run_cell(_worker_cells[key])
+
+
+def _run_cell_in_ray(grid: "Grid", options: "RunOptions", threads: int, run_id: str, key: str) -> dict:
+    # Ray reuses worker processes across tasks: the Runner is built on a worker's first task of a run
+    _start_worker(grid, options, threads, run_id)
+    return _run_cell_by_key(key)
+
+
+def _new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+# -- local process pool -----------------------------------------------------------------------------
+
+class LocalPoolExecutor(CellExecutor):
+    """``workers`` processes on this machine (concurrent.futures). They are spawned, not forked: a
+    forked child inherits torch's OpenMP thread pool and locks in whatever state the parent left them,
+    which can deadlock; a spawned worker imports leakbench afresh."""
+
+    parallel = True
+
+    def __init__(self, workers: int, threads: int | None = None) -> None:
+        self.workers = workers
+        self.threads = threads_per_worker(workers, threads)
+
+    def run(self, runner, cells):
+        import multiprocessing
+
+        if not cells:
+            return
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(cells)),
+                                   mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                   initargs=(runner.grid, runner.options, self.threads, _new_run_id()))
+        futures = {pool.submit(_run_cell_by_key, cell.key()) for cell in cells}
+        try:
+            yield from _as_finished(futures)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _as_finished(futures: set) -> Iterator[dict]:
+    """Records as their futures finish. After a failed cell, no new cell starts, the cells already
+    running still finish and are yielded (so their work is kept), then the first error is raised."""
+    error = None
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            if future.cancelled():
+                continue
+            if future.exception() is not None:
+                if error is None:
+                    error = future.exception()
+                    for queued in pending:
+                        queued.cancel()
+                continue
+            yield future.result()
+    if error is not None:
+        raise error
+
+
+# -- Ray --------------------------------------------------------------------------------------------
+
+class RayExecutor(CellExecutor):
+    """Cells as Ray tasks, at most ``workers`` in flight, each reserving ``threads`` CPUs so that Ray's
+    scheduler, not the cells, decides what fits on a node. Without ``address`` a local Ray instance is
+    started (``workers`` x ``threads`` CPUs, no dashboard) and shut down afterwards. On a cluster the
+    output folder must be on a filesystem every node sees: workers write the caches and the
+    reconstructions there (the driver alone writes results.jsonl)."""
+
+    parallel = True
+
+    def __init__(self, workers: int, threads: int | None = None, address: str | None = None) -> None:
+        self.workers = workers
+        self.threads = threads_per_worker(workers, threads)
+        self.address = address
+
+    def __enter__(self):
+        import ray
+
+        # the local workers inherit the parent's environment, and with it where leakbench is installed
+        kwargs = (dict(address=self.address) if self.address else
+                  dict(num_cpus=self.workers * self.threads, include_dashboard=False,
+                       object_store_memory=_LOCAL_OBJECT_STORE_BYTES))
+        try:
+            ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
+        except ConnectionError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"--ray-address {self.address!r}: cannot connect ({message}); allowed: the "
+                              f"address of a running Ray cluster, e.g. HOST:6379, or none for a local one") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.shutdown()  # stops the local instance we started; only disconnects from a cluster
+
+    def run(self, runner, cells):
+        import ray
+
+        task = ray.remote(num_cpus=self.threads, max_retries=0)(_run_cell_in_ray)
+        grid_ref = ray.put(runner.grid)  # sent once, not with every task
+        # absolute paths: a worker's working directory is not the driver's on another node
+        options = dataclasses.replace(runner.options, out_dir=runner.options.out_dir.resolve(),
+                                      cache_dir=runner.options.cache_dir and runner.options.cache_dir.resolve())
+        run_id = _new_run_id()
+        queue = list(cells)
+        in_flight = []
+        while queue or in_flight:
+            while queue and len(in_flight) < self.workers:
+                in_flight.append(task.remote(grid_ref, options, self.threads, run_id, queue.pop(0).key()))
+            done, in_flight = ray.wait(in_flight, num_returns=1)
+            yield ray.get(done[0])
+
+
+# The local instance's shared-memory store only carries the grid and one record per cell: Ray's default
+# (30% of RAM) would reserve gigabytes on a small machine for nothing; Ray's minimum is 75 MiB.
+_LOCAL_OBJECT_STORE_BYTES = 128 * 1024 ** 2
+
+
+def make_executor(name: str = "local", workers: int = 1, threads: int | None = None,
+                  ray_address: str | None = None) -> CellExecutor:
+    """The executor for the CLI's ``--executor/--workers/--threads/--ray-address``; bad values raise a
+    one-line ConfigError before anything runs."""
+    if name not in EXECUTORS:
+        raise ConfigError(f"--executor {name!r} is invalid; allowed: {', '.join(EXECUTORS)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers {workers!r} is invalid; allowed: an integer >= 1")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads!r} is invalid; allowed: an integer >= 1")
+    if name == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("--executor ray needs Ray, which is not installed; install leakbench[ray] "
+                              "(pip install 'leakbench[ray]'), or use --executor local")
+        return RayExecutor(workers, threads, ray_address)
+    if ray_address is not None:
+        raise ConfigError(f"--ray-address {ray_address!r} needs --executor ray; allowed with --executor local: none")
+    return SerialExecutor() if workers == 1 else LocalPoolExecutor(workers, threads)

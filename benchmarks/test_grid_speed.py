@@ -1,0 +1,72 @@
+"""Wall time of whole grids on 1 and 2 workers (pytest-benchmark; not part of the unit tests).
+
+    pytest benchmarks/test_grid_speed.py --benchmark-columns=min,rounds --benchmark-group-by=func
+
+Every round starts from an empty output folder, so nothing is cached: the time is what a user waits
+for ``leakbench run --grid quick --workers N --threads 1``, worker start-up included. One torch thread
+per worker: the grid's models are tiny and overhead-bound, so one thread is as fast as two (and far
+faster on a busy machine, where idle OpenMP threads spin), and 1 vs 2 workers then compares one core
+with two. The speedup of 2 workers over 1 is the ratio pytest-benchmark prints next to the slower row.
+The issue's target is the quick grid in at most 5 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leakbench.executors import available_cores, make_executor
+from leakbench.grid import load_grid, parse_grid
+from leakbench.runner import RunOptions, Runner
+
+QUICK_GRID_TARGET_SECONDS = 5 * 60
+THREADS_PER_WORKER = 1
+
+# Cells of a second or two: the time is mostly starting the pool or Ray and warming up its workers.
+SHORT_GRID = {
+    "name": "short",
+    "datasets": [{"name": "digits", "params": {"image_size": 8}}],
+    "models": ["lenet-zhu"],
+    "attacks": [{"name": "idlg", "params": {"steps": 6}}, {"name": "dlg", "params": {"steps": 6}}],
+    "defenses": ["none", {"name": "gaussian-noise", "sweep": {"variance": [1e-1]}}],
+    "targets": 1,
+    "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+}
+
+
+def _time_grid(benchmark, tmp_path_factory, grid, executor_name: str, workers: int) -> list[dict]:
+    threads = THREADS_PER_WORKER
+
+    def fresh_runner():
+        return (Runner(grid, RunOptions(out_dir=tmp_path_factory.mktemp("grid"), progress=False)),), {}
+
+    def run(runner):
+        torch.set_num_threads(threads)  # a serial run computes in this process
+        with make_executor(executor_name, workers, threads) as executor:
+            return runner.run(executor)
+
+    records = benchmark.pedantic(run, setup=fresh_runner, rounds=1, iterations=1)
+    benchmark.extra_info.update(grid=grid.name, cells=len(grid.cells()), executor=executor_name, workers=workers,
+                                threads_per_worker=threads, cores=available_cores())
+    return records
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_quick_grid(benchmark, tmp_path_factory, workers):
+    """The shipped quick grid (every attack against every defense family on the embedded digits)."""
+    grid = load_grid("quick")
+    records = _time_grid(benchmark, tmp_path_factory, grid, "local", workers)
+    assert sorted(r["key"] for r in records) == sorted(c.key() for c in grid.cells())
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update(target_seconds=QUICK_GRID_TARGET_SECONDS,
+                                within_target=seconds <= QUICK_GRID_TARGET_SECONDS)
+
+
+@pytest.mark.parametrize("executor_name", ["local", "ray"])
+def test_executor_overhead(benchmark, tmp_path_factory, executor_name):
+    """Four short cells on 2 workers, starting the process pool or a local Ray instance included: the
+    difference between the two rows is what Ray costs over the local pool."""
+    if executor_name == "ray":
+        pytest.importorskip("ray")
+    grid = parse_grid(SHORT_GRID)
+    records = _time_grid(benchmark, tmp_path_factory, grid, executor_name, 2)
+    assert len(records) == len(grid.cells())

@@ -1,0 +1,191 @@
+"""Parallel grids: a process pool and Ray give a serial run's numbers, a killed parallel run resumes
+without loss or duplicates, and shared work (accuracy runs, oracles) is computed once."""
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from leakbench.cli import main
+from leakbench.executors import RayExecutor
+from leakbench.grid import parse_grid
+from leakbench.report import render
+from leakbench.results import ResultsStore
+from leakbench.runner import RunOptions, Runner
+
+# 2 attacks x 3 defense settings on 8x8 digits: seconds per cell, so the fixed cost of starting
+# workers dominates; what is checked is that where a cell runs does not change its numbers.
+TINY = {
+    "name": "tiny-parallel",
+    "datasets": [{"name": "digits", "params": {"image_size": 8}}],
+    "models": ["lenet-zhu"],
+    "attacks": [{"name": "idlg", "params": {"steps": 6}}, {"name": "dlg", "params": {"steps": 6}}],
+    "defenses": ["none", {"name": "gaussian-noise", "sweep": {"variance": [1e-1]}},
+                 {"name": "large-batch", "params": {"batch_size": 2}}],
+    "targets": 1,
+    "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+}
+
+
+def _comparable(record):
+    # timings and the accuracy run's own timing differ between runs; everything else must not
+    drop = {"wall_seconds", "finished_at", "accuracy_details"}
+    return {k: v for k, v in record.items() if k not in drop}
+
+
+def _records(out: Path) -> dict:
+    return {r["key"]: _comparable(r) for r in ResultsStore(out / "results.jsonl").records()}
+
+
+@pytest.fixture(scope="module")
+def tiny_grid_file(tmp_path_factory):
+    import yaml
+
+    path = tmp_path_factory.mktemp("grid") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    Runner(parse_grid(TINY), RunOptions(out_dir=out, progress=False)).run()
+    render(out, images=False)
+    return out
+
+
+def _expected_keys():
+    return {c.key() for c in parse_grid(TINY).cells()}
+
+
+def test_ray_gives_the_serial_results(tmp_path, serial_run):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    with RayExecutor(2, threads=1) as executor:
+        Runner(parse_grid(TINY), RunOptions(out_dir=out, progress=False)).run(executor)
+    assert _records(out) == _records(serial_run)
+
+
+def test_killed_two_worker_run_resumes_to_the_serial_results(tmp_path, tiny_grid_file, serial_run):
+    """Two workers, killed (parent and workers) once the first record lands, then resumed: every cell
+    exactly once, with the serial run's numbers. (One test for both, to keep worker start-ups few.)"""
+    out = tmp_path / "out"
+    args = ["run", "--grid", str(tiny_grid_file), "--out", str(out), "--no-progress", "--workers", "2",
+            "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "leakbench.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and ResultsStore(results).records():
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, as a kill of the job would
+    proc.wait()
+    partial = ResultsStore(results).records()
+    assert 1 <= len(partial) < len(_expected_keys()), "the kill should land mid-grid"
+
+    assert main(args) == 0
+    keys = [r["key"] for r in ResultsStore(results).records()]
+    assert len(keys) == len(set(keys)), "no cell written twice"
+    assert set(keys) == _expected_keys(), "no cell lost"
+    assert _records(out) == _records(serial_run)
+    # one accuracy run per defense setting, shared by both attacks whichever worker ran them
+    assert len(list((out / "cache" / "accuracy").glob("*.json"))) == len(parse_grid(TINY).defenses)
+    # the table keeps the grid's order although workers finish cells in any order
+    assert (out / "table.md").read_text() == (serial_run / "table.md").read_text()
+
+
+_COMPUTE_ONCE_CHILD = """
+import json, os, sys, time
+from pathlib import Path
+from leakbench.results import atomic_write_text, computed_once
+
+cache, log, ready, children = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+(ready / str(os.getpid())).touch()
+
+def compute():
+    with open(log, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    # hold the lock until every child has started, so that the others ask while this one computes
+    deadline = time.time() + 60
+    while len(list(ready.iterdir())) < children and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return {"computed_by": os.getpid()}
+
+value = computed_once(cache, compute, read=lambda p: json.loads(p.read_text()),
+                      write=lambda p, v: atomic_write_text(p, json.dumps(v)))
+print(value["computed_by"])
+"""
+
+
+def test_shared_work_is_computed_once_across_processes(tmp_path):
+    cache, log, ready = tmp_path / "cache" / "entry.json", tmp_path / "computations.log", tmp_path / "ready"
+    ready.mkdir()
+    children = [subprocess.Popen([sys.executable, "-c", _COMPUTE_ONCE_CHILD, str(cache), str(log), str(ready), "2"],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    answers = {child.communicate(timeout=120)[0].strip() for child in children}
+    assert all(child.returncode == 0 for child in children)
+    computations = log.read_text().split()
+    assert len(computations) == 1, "one process computes, the other waits and reads"
+    assert answers == set(computations)
+
+
+def test_oracles_are_cached_on_disk(tmp_path, monkeypatch):
+    """A second runner (a fresh worker, or a resumed run) reads the oracle instead of training it."""
+    from leakbench import collab_cells
+
+    grid = parse_grid({
+        "datasets": [{"name": "digits", "params": {"image_size": 16, "scale": "[-1,1]"}}],
+        "models": [{"name": "hitaj-mnist-cnn", "params": {"extra_class": True}}],
+        "attacks": [{"name": "gan-passive", "params": {"target_class": 3}}],
+        "defenses": ["none"],
+        "protocol": {"participant_labels": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]},
+    })
+    cell = grid.cells()[0]
+    options = RunOptions(out_dir=tmp_path, progress=False)
+    pool, trained = collab_cells.participants_pool_and_oracle(Runner(grid, options), cell)
+
+    @functools.wraps(collab_cells.train_oracle)  # the same signature: its defaults are part of the cache key
+    def no_training(*args, **kwargs):
+        raise AssertionError("the oracle was trained again")
+
+    monkeypatch.setattr(collab_cells, "train_oracle", no_training)
+    pool_again, loaded = collab_cells.participants_pool_and_oracle(Runner(grid, options), cell)
+    assert torch.equal(pool_again.labels, pool.labels)
+    probe = pool.images[:32]
+    assert torch.equal(loaded.probabilities(probe), trained.probabilities(probe))
+    assert loaded.train_samples == trained.train_samples
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--workers", "0"], "--workers 0"),
+    (["--executor", "foo"], "local, ray"),
+    (["--ray-address", "localhost:6379"], "--executor ray"),
+    (["--threads", "0", "--workers", "2"], "--threads 0"),
+])
+def test_bad_parallel_options_are_one_line_errors(tmp_path, tiny_grid_file, capsys, args, named):
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(tiny_grid_file), "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
+    assert not out.exists(), "nothing written"
+
+
+def test_ray_missing_says_what_to_install(tmp_path, tiny_grid_file, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "ray" else real_find_spec(name, *rest))
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(tiny_grid_file), "--out", str(out), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leakbench[ray]" in err
+    assert not out.exists()
