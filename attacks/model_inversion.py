@@ -49,19 +49,40 @@ class ModelInversion(Attack):
               "stop when the cost has not improved on the best of the last this many steps (beta)", low=1),
         Param("stop_cost", float, 0.0, "stop when 1 - p(target) <= this (gamma)", low=0.0, high=1.0),
         Param("start", float, 0.0, "initial pixel value on the [0, 1] scale (Fredrikson: 0)", low=0.0, high=1.0),
+        Param("target_class", int, 0, "the class inverted in a grid cell (the GAN cells' victim class)", low=0),
+        Param("starts", int, 1,
+              "images per grid cell: the first from `start`, the others from uniform random pixels", low=1),
     )
 
+    def starting_images(self, input_shape: tuple[int, int, int], *, scale: str = "[-1,1]", seed: int = 0
+                        ) -> torch.Tensor:
+        """``starts`` starting points (data scale): Fredrikson's flat image, then uniform random images,
+        so that a grid cell scores a distribution of inversions rather than one image."""
+        low, high = (-1.0, 1.0) if scale == "[-1,1]" else (0.0, 1.0)
+        unit = torch.rand(self.starts, *input_shape, generator=torch.Generator().manual_seed(seed))
+        unit[0] = self.start
+        return low + unit * (high - low)
+
+    def attack_model(self, model: nn.Module, *, input_shape: tuple[int, int, int], scale: str = "[-1,1]",
+                     seed: int = 0) -> Inversion:
+        """A grid cell's attack: invert ``target_class`` from each of the ``starts`` starting images."""
+        return self.invert(model, [self.target_class] * self.starts, input_shape=input_shape, scale=scale,
+                           initial=self.starting_images(input_shape, scale=scale, seed=seed))
+
     def invert(self, model: nn.Module, target_classes: list[int] | torch.Tensor, *,
-               input_shape: tuple[int, int, int], scale: str = "[-1,1]") -> Inversion:
+               input_shape: tuple[int, int, int], scale: str = "[-1,1]",
+               initial: torch.Tensor | None = None) -> Inversion:
         """Invert ``model`` for each class in ``target_classes`` (one independent image per class,
-        optimised together: the cost is a sum of per-image terms, so their gradients do not mix)."""
+        optimised together: the cost is a sum of per-image terms, so their gradients do not mix).
+        ``initial``: starting images (data scale), default the flat image of ``start``."""
         model = model.eval()
         params_state = [p.requires_grad for p in model.parameters()]
         model.requires_grad_(False)
         low, high = (-1.0, 1.0) if scale == "[-1,1]" else (0.0, 1.0)
         targets = torch.as_tensor(target_classes, dtype=torch.long)
         n = len(targets)
-        x = torch.full((n, *input_shape), low + self.start * (high - low))
+        x = (torch.full((n, *input_shape), low + self.start * (high - low)) if initial is None
+             else initial.detach().clone().float().clamp(low, high))
         active = torch.ones(n, dtype=torch.bool)
         steps = torch.zeros(n, dtype=torch.long)
         history: list[torch.Tensor] = []

@@ -24,7 +24,7 @@ from .training import TrainingConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
                   "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "subgrids")
-GRID_SETTINGS = ("gradient", "collaborative")  # attack settings a grid can run
+GRID_SETTINGS = ("gradient", "collaborative", "model")  # attack settings a grid can run
 THREAT_KEYS = ("model_state", "train_steps", "labels_known")
 MODEL_STATES = ("random-init", "trained")
 
@@ -121,11 +121,16 @@ class Cell:
     def config(self, grid: "Grid | None" = None) -> dict:
         """Everything that determines this cell's result (its identity for resuming)."""
         grid = grid or self.grid
-        if ATTACKS.get(self.attack.name).setting == "collaborative":
+        setting = ATTACKS.get(self.attack.name).setting
+        if setting == "collaborative":
             return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
                     "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
                     "protocol": self.protocol(), "gan_verdict": vars(grid.gan_verdict),
                     "accuracy": grid.accuracy.as_dict()}
+        if setting == "model":  # the attacked model is the accuracy run's
+            return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
+                    "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
+                    "gan_verdict": vars(grid.gan_verdict), "accuracy": grid.accuracy.as_dict()}
         return {
             "attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
             "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
@@ -211,8 +216,8 @@ def _component_list(raw: Any, key: str, registry, *, sweeps: bool) -> list[Compo
 
 
 def _runnable_attacks(specs: list[ComponentSpec]) -> list[ComponentSpec]:
-    """Grids run gradient attacks (one shared update) and collaborative ones (rounds of the protocol);
-    model inversion, on a finished model, is run from Python for now."""
+    """Grids run gradient attacks (one shared update), collaborative ones (rounds of the protocol) and
+    attacks on the finished model (model inversion, on the model the accuracy run trained)."""
     runnable = [n for n in ATTACKS.list() if ATTACKS.get(n).setting in GRID_SETTINGS]
     for spec in specs:
         setting = ATTACKS.get(spec.name).setting

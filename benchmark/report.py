@@ -82,7 +82,7 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
         for _, r in part.iterrows():
             a = str(r["attack"])
             row[f"{a} leak"] = _pct(r["leak_rate"])
-            if r["setting"] == "collaborative":  # generated look-alikes: judged by the oracle, not PSNR
+            if r["setting"] in ("collaborative", "model"):  # class look-alikes: judged by the oracle, not PSNR
                 row[f"{a} oracle"] = _pct(r["oracle_accuracy"])
                 row[f"{a} model acc"] = _pct(r["protocol_accuracy"])
             else:
@@ -92,11 +92,22 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")  # blocks of a grid with different attacks leave gaps
 
 
+def in_grid_order(records: list[dict], grid_json: Path) -> list[dict]:
+    """Records in the grid's cell order (``cell_keys`` in grid.json), whatever order parallel workers
+    finished them in, so that tables list the grid's rows and columns in its order."""
+    try:
+        keys = json.loads(grid_json.read_text())["cell_keys"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):  # written before cell_keys existed
+        return records
+    position = {key: i for i, key in enumerate(keys)}
+    return sorted(records, key=lambda r: position.get(r.get("key"), len(position)))
+
+
 def render(out_dir: str | Path, *, images: bool = True) -> str:
     """Write table.md, table.csv, table.tex (and reconstruction PNGs) into ``out_dir``; return the
     Markdown table with its legend."""
     out = Path(out_dir)
-    records = ResultsStore(out / "results.jsonl").records()
+    records = in_grid_order(ResultsStore(out / "results.jsonl").records(), out / "grid.json")
     if not records:
         raise ConfigError(f"no finished cells in {out / 'results.jsonl'}; run `leakbench run --out {out}` first")
     table = defendability_table(records)
@@ -122,9 +133,10 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     legend = (f"\nGrid `{grid}`, {len(records)} cells. Accuracy: test accuracy of the model trained with the "
               f"defense on every step (for protocol defenses such as dssgd-dp: the global model of the "
               f"collaborative protocol run under it). Leak: fraction of attacked samples reconstructed recognisably "
-              f"({rule}). PSNR: median over samples, dB. For collaborative attacks (GAN): oracle = fraction of "
-              f"generated samples an independent classifier assigns to the victim's class; model acc = the "
-              f"global model's accuracy at the end of the attacked protocol run. {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
+              f"({rule}). PSNR: median over samples, dB. For collaborative attacks (GAN) and model inversion: oracle = "
+              f"fraction of generated or inverted samples an independent classifier assigns to the victim's class; "
+              f"model acc = the global model's accuracy at the end of the attacked protocol run (model "
+              f"inversion: the attacked model's accuracy). {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
               f"verdict: the attack does not leak even against `none` here, so it cannot rate a defense.\n")
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))

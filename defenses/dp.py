@@ -110,6 +110,8 @@ class ProtocolDefense(Defense):
                                           local_gradient=self.local_gradient())
         self._seen_num_params = simulator.server.num_params
         result = simulator.run()
+        # leave ``model`` trained, as the default accuracy run does: attacks on the finished model use it
+        model.load_state_dict(simulator.global_model.state_dict())
         out = result.summary()
         out["train_samples"], out["test_samples"] = len(train), len(test)
         out["train_batch_size"] = protocol.batch_size

@@ -66,10 +66,14 @@ def test_active_reaches_oracle_accuracy_and_beats_passive(gan_digits):
     # the model still learns the task: the victim is not hurt beyond usefulness
     assert active.protocol.final_accuracy >= 0.6
 
-    final_active = score_samples(active.samples, target_class=TARGET, oracle=oracle, references=pool)
-    final_passive = score_samples(passive.samples, target_class=TARGET, oracle=oracle, references=pool)
+    calibration = LeakRule().calibrate(pool, test, TARGET)
+    final_active = score_samples(active.samples, target_class=TARGET, oracle=oracle, references=pool,
+                                 calibration=calibration)
+    final_passive = score_samples(passive.samples, target_class=TARGET, oracle=oracle, references=pool,
+                                  calibration=calibration)
     assert final_active["nn_ssim"] > final_passive["nn_ssim"]
     assert final_active["nn_l1"] < final_passive["nn_l1"]
+    assert final_active["leak_rate"] > final_passive["leak_rate"]
     assert final_passive["leak_rate"] == 0.0 and final_passive["defended"]
 
 
@@ -137,15 +141,20 @@ def test_adversary_is_a_protocol_participant():
 def test_scores_separate_real_class_images_from_noise(gan_digits, tmp_path):
     pool, test, oracle = gan_digits
     assert oracle.accuracy(test) >= 0.8
+    calibration = LeakRule().calibrate(pool, test, TARGET)
+    def score(samples):
+        return score_samples(samples, target_class=TARGET, oracle=oracle, references=pool, calibration=calibration)
+
     real = test.images[test.labels == TARGET][:20]
-    real_score = score_samples(real, target_class=TARGET, oracle=oracle, references=pool)
+    real_score = score(real)
     assert real_score["oracle_accuracy"] >= 0.8 and real_score["nn_ssim"] >= 0.6
     assert real_score["leak_rate"] >= 0.8 and not real_score["defended"]
     noise = torch.rand(20, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    noise_score = score_samples(noise, target_class=TARGET, oracle=oracle, references=pool)
-    assert noise_score["nn_ssim"] < 0.1 and noise_score["leak_rate"] == 0.0 and noise_score["defended"]
+    noise_score = score(noise)
+    assert noise_score["nn_ssim"] < calibration.threshold
+    assert noise_score["leak_rate"] == 0.0 and noise_score["defended"]
     other = test.images[test.labels == 5][:20]  # real digits, wrong class: the oracle says no
-    assert score_samples(other, target_class=TARGET, oracle=oracle, references=pool)["leak_rate"] <= 0.2
+    assert score(other)["leak_rate"] <= 0.2
     assert set(real_score["nn_ssim_distribution"]) == {"min", "q25", "median", "q75", "max"}
 
     path = save_image_grid(real, references=pool, target_class=TARGET, path=tmp_path / "grid.png")
@@ -156,10 +165,15 @@ def test_leak_rule_is_configurable():
     rule = LeakRule.from_config({"min_ssim": 0.5, "max_leak_rate": 0.1})
     assert rule.leaks([True, True, False], [0.6, 0.4, 0.9]) == [True, False, False]
     assert rule.defended(0.1) and not rule.defended(0.2)
+    assert LeakRule.from_config(None).calibrated and LeakRule.from_config({"min_ssim": "auto"}).calibrated
     with pytest.raises(ConfigError):
         LeakRule.from_config({"threshold": 0.3})
     with pytest.raises(ConfigError):
         LeakRule.from_config({"max_leak_rate": 2})
+    with pytest.raises(ConfigError, match="auto, or a number"):
+        LeakRule.from_config({"min_ssim": "strict"})
+    with pytest.raises(ValueError, match="calibration"):  # auto needs the data it is computed from
+        LeakRule().leaks([True], [0.9])
 
 
 # -- real MNIST ----------------------------------------------------------------------------------------------
