@@ -3,5 +3,6 @@ from .base import Attack
 from . import dlg  # noqa: F401  (registers dlg, idlg, dlg-batched)
 from . import gan  # noqa: F401  (registers gan-active, gan-passive)
 from . import model_inversion  # noqa: F401  (registers model-inversion)
+from . import adaptive  # noqa: F401  (registers dlg-adaptive, idlg-adaptive)
 
 __all__ = ["Attack"]

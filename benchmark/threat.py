@@ -36,11 +36,13 @@ class AttackTask:
     scale: str = "[0,1]"                  # pixel range of the data
     labels: torch.Tensor | None = None    # given only when the threat model says labels are known
     defense_params: dict[str, Any] = field(default_factory=dict)  # public parameters of the defense
+    defense_name: str = ""              # registered name of the defense (public, like its parameters)
     seed: int = 0
 
     def knowledge(self) -> dict[str, Any]:
         return {"labels_known": self.labels is not None, "batch_size": self.batch_size,
-                "shared": "gradient", "defense_public_params": dict(self.defense_params)}
+                "shared": "gradient", "defense_public_params": dict(self.defense_params),
+                "defense_name": self.defense_name}
 
 
 @dataclass

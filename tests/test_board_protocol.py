@@ -1,0 +1,142 @@
+"""The leaderboard protocol: its files, the adaptive attacks, and verify."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leakbench.attacks.adaptive import matched_distance, output_space
+from leakbench.board_protocol import load_protocol, protocols, submit, verify_entries
+from leakbench.data import load
+from leakbench.errors import ConfigError
+from leakbench.grid import load_grid
+from leakbench.metrics import score_reconstruction
+from leakbench.models import build_model
+from leakbench.registry import ATTACKS, DEFENSES
+from leakbench.threat import AttackTask
+
+TINY = {
+    "datasets": [{"name": "digits", "params": {"image_size": 8}}],
+    "attacks": [{"name": "idlg", "params": {"steps": 4}}, {"name": "dlg", "params": {"steps": 4}}],
+    "targets": 1,
+    "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load("digits", "test", image_size=8)
+
+
+def pruned_task(data, *, ratio: float, index: int = 0, name: str = "pruning") -> tuple[AttackTask, torch.Tensor]:
+    x, y = data.images[index:index + 1], data.labels[index:index + 1]
+    model = build_model("lenet-zhu", data.shape, data.num_classes, seed=index)
+    defense = DEFENSES.build("pruning", {"ratio": ratio})
+    shared = defense.share(model, x, F.one_hot(y, data.num_classes).float(), generator=torch.Generator().manual_seed(0))
+    return AttackTask(model=model, shared=shared, input_shape=data.shape, num_classes=data.num_classes, batch_size=1,
+                      seed=index, defense_params=defense.get_params(), defense_name=name), x
+
+
+def test_shipped_protocols_state_what_the_issue_asks():
+    known = protocols()
+    assert set(known) == {"v1", "v1-smoke"}
+    for name, protocol in known.items():
+        grid = load_grid(protocol.grid)
+        attacks = [a.name for a in grid.attacks]
+        assert {"dlg", "idlg", "dlg-batched", "dlg-adaptive", "idlg-adaptive"} <= set(attacks)
+        for a in grid.attacks:
+            if a.name.endswith("-adaptive"):
+                assert a.params["restarts"] >= 2 and len(a.params["lr_sweep"]) >= 2
+        assert grid.seeds == [0] and [m.name for m in grid.models] == ["lenet-zhu"]
+        assert 0 < protocol.accuracy_floor_fraction < 1
+        assert set(protocol.tolerance) == {"accuracy", "leak_rate_samples", "psnr_median", "ssim_median"}
+        assert protocol.version == "v1"
+    smoke, full = load_grid(known["v1-smoke"].grid), load_grid(known["v1"].grid)
+    assert [d.name for d in smoke.datasets] == ["digits"] and smoke.targets == 2
+    assert full.targets == 8 and all(d.params["image_size"] == 32 for d in full.datasets)
+    with pytest.raises(ConfigError, match="unknown protocol 'v2'"):
+        load_protocol("v2")
+
+
+def test_pruning_adaptation_matches_exactly_the_surviving_coordinates(digits8):
+    task, _ = pruned_task(digits8, ratio=0.7)
+    adapted, space = output_space(task)
+    assert adapted == "surviving-coordinates"
+    grads = [torch.randn_like(t) for t in task.shared]
+    for g, mapped, t in zip(grads, space(grads), task.shared):
+        assert torch.equal(mapped[t == 0], torch.zeros_like(mapped[t == 0]))
+        assert torch.equal(mapped[t != 0], g[t != 0])
+    # the objective is the distance over the surviving coordinates only
+    model = task.model
+    x = torch.rand(1, *digits8.shape)
+    soft = torch.full((1, digits8.num_classes), 1.0 / digits8.num_classes)
+    params = [p for p in model.parameters() if p.requires_grad]
+    from leakbench.threat import soft_cross_entropy
+
+    dummy = torch.autograd.grad(soft_cross_entropy(model(x), soft), params)
+    expected = sum((((d - t) * (t != 0)) ** 2).sum() for d, t in zip(dummy, task.shared))
+    distance = float(matched_distance(model, x, soft, task.shared, space).detach())
+    assert distance == pytest.approx(float(expected), rel=1e-5)
+    # a defense with an unknown name (e.g. a submission) gets the identity: restarts and sweep only
+    assert output_space(pruned_task(digits8, ratio=0.7, name="submitted:x")[0])[0] == "identity"
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "int8"])
+def test_quantization_adaptation_uses_the_defense_quantiser_with_a_straight_through_gradient(digits8, fmt):
+    task, _ = pruned_task(digits8, ratio=0.0)
+    task.defense_name, task.defense_params = "quantization", {"format": fmt}
+    adapted, space = output_space(task)
+    assert adapted == f"quantiser-{fmt}-ste"
+    grads = [torch.randn_like(t).requires_grad_(True) for t in task.shared]
+    mapped = space(grads)
+    expected = DEFENSES.build("quantization", {"format": fmt}).transform([g.detach() for g in grads])
+    assert all(torch.equal(m.detach(), e) for m, e in zip(mapped, expected))
+    sum(m.sum() for m in mapped).backward()
+    assert all(torch.equal(g.grad, torch.ones_like(g)) for g in grads)
+
+
+def test_adaptive_attack_beats_the_fixed_one_on_heavy_pruning(digits8):
+    """At 90% pruning iDLG matches zeros it cannot explain and fails; matching only the surviving
+    coordinates recovers the image, with the same 20-step budget and no restarts."""
+    task, x = pruned_task(digits8, ratio=0.9)
+    fixed = ATTACKS.build("idlg", {"steps": 20}).run([task])[0]
+    adaptive = ATTACKS.build("idlg-adaptive", {"steps": 20, "restarts": 1, "lr_sweep": [1.0]}).run([task])[0]
+    ssim = {name: score_reconstruction(rec.images.clamp(0, 1), x, None, None, metrics=("ssim",))["ssim"][0]
+            for name, rec in (("fixed", fixed), ("adaptive", adaptive))}
+    assert ssim["adaptive"] > 0.9 > 0.5 > ssim["fixed"]
+    assert adaptive.extra["adapted_to"] == "surviving-coordinates"
+
+
+def test_adaptive_attack_keeps_the_run_with_the_lowest_gradient_distance(digits8):
+    """The search's answer is at least as good, by the attacker-visible gradient distance, as each of its
+    single runs (restart 0 at each step size is the same dummy as a one-restart search)."""
+    task, _ = pruned_task(digits8, ratio=0.0, name="none")
+    rec = ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 2, "lr_sweep": [1.0, 0.1]}).run([task])[0]
+    singles = [ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 1, "lr_sweep": [lr]}).run([task])[0]
+               for lr in (1.0, 0.1)]
+    assert rec.grad_distance <= min(s.grad_distance for s in singles)
+    assert rec.extra["chosen_lr"] in (1.0, 0.1) and rec.extra["chosen_restart"] in (0, 1)
+    assert rec.closure_evals >= sum(s.closure_evals for s in singles)  # it paid for all four runs
+
+
+def test_verify_passes_on_an_honest_entry_and_fails_on_a_tampered_one(tmp_path, capsys):
+    root = tmp_path / "board"
+    path, entry = submit("builtin:pruning", name="pruning-0.5", params={"ratio": 0.5}, root=root, overrides=TINY)
+    assert verify_entries([path], root=root, protocol="v1-smoke", data_dir=None, overrides=TINY) == 0
+    assert capsys.readouterr().out.startswith(f"ok   {path}")
+
+    tampered = json.loads(path.read_text())
+    tampered["accuracy"]["value"] = round(tampered["accuracy"]["value"] + 0.2, 4)
+    tampered["accuracy"]["drop"] = round(tampered["accuracy"]["baseline"] - tampered["accuracy"]["value"], 4)
+    tampered["flags"]["below_accuracy_floor"] = tampered["accuracy"]["value"] < tampered["flags"]["accuracy_floor"]
+    first = next(iter(tampered["attacks"]))
+    tampered["attacks"][first]["leak_rate"] = 1.0 - tampered["attacks"][first]["leak_rate"]
+    leaks = {a: s["leak_rate"] for a, s in tampered["attacks"].items()}
+    tampered["worst_case"] = {"leak_rate": max(leaks.values()), "attack": max(leaks, key=leaks.get)}
+    path.write_text(json.dumps(tampered))
+    assert verify_entries([path], root=root, protocol="v1-smoke", data_dir=None, overrides=TINY) == 1
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"FAIL {path}") and "accuracy.value" in line and f"{first} leak rate" in line
+    assert "\n" not in line

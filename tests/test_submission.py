@@ -1,0 +1,219 @@
+"""Submitting a defense: the sandbox's limits and checks, the worked example end to end, entry points, and
+a defense that tries to tell the accuracy run from the attack runs."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from leakbench.board import load_board, load_entry
+from leakbench.board_protocol import submit
+from leakbench.cli import main
+from leakbench.errors import ConfigError
+from leakbench.submission import SandboxLimits, SubmissionError
+
+# A tiny protocol override: the v1-smoke structure with budgets small enough for the test suite.
+TINY = {
+    "datasets": [{"name": "digits", "params": {"image_size": 8}}],
+    "attacks": [{"name": "dlg", "params": {"steps": 4}},
+                {"name": "dlg-adaptive", "params": {"steps": 2, "restarts": 1, "lr_sweep": [1.0, 0.1]}}],
+    "targets": 1,
+    "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+}
+FAST = SandboxLimits(timeout_s=120, memory_mb=4096)
+
+
+def defense_file(tmp_path, body: str, *, name: str = "bad_defense.py", cls: str = "Bad") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(f"""
+        import math, time
+        import torch
+        from leakbench import Defense, Param
+
+        class {cls}(Defense):
+            def transform(self, update, *, generator=None):
+        """) + textwrap.indent(textwrap.dedent(body), " " * 8))
+    return f"{path}:{cls}"
+
+
+def board_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
+
+
+BROKEN = {
+    "crash": ("raise ZeroDivisionError('boom')", "transform failed: ZeroDivisionError: boom (bad_defense.py line"),
+    "nan": ("return [u * float('nan') for u in update]", "transform tensor 0 has non-finite values"),
+    "wrong-shape": ("return [u.flatten() for u in update]", "transform tensor 0 has shape"),
+    "wrong-dtype": ("return [u.double() for u in update]", "has dtype float64, expected float32"),
+    "wrong-count": ("return update[:-1]", "tensors, expected"),
+    "not-a-list": ("return update[0]", "transform returned Tensor, expected a list of tensors"),
+    "process-exit": ("import os; os._exit(3)", "the sandbox process exited with status 3 while answering share"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_defense_fails_with_one_line_and_writes_nothing(tmp_path, kind):
+    body, expected = BROKEN[kind]
+    root = tmp_path / "board"
+    with pytest.raises(SubmissionError) as err:
+        submit(defense_file(tmp_path, body), name="broken", root=root, overrides=TINY, limits=FAST)
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+    assert board_files(root) == []
+
+
+def test_cli_reports_a_crash_on_one_line_with_exit_2(tmp_path, capsys):
+    root = tmp_path / "board"
+    (root / "v1-smoke").mkdir(parents=True)
+    (root / "v1-smoke" / "kept.json").write_text("{}")
+    code = main(["submit", defense_file(tmp_path, "raise ValueError('no')"), "--name", "broken",
+                 "--root", str(root), "--smoke"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("leakbench: error: submitted defense") and "ValueError: no" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert board_files(root) == ["v1-smoke", "v1-smoke/kept.json"]  # the board is untouched
+
+
+def test_timeout_kills_the_sandbox(tmp_path):
+    root = tmp_path / "board"
+    with pytest.raises(SubmissionError, match=r"timed out: the submission's time limit of 8 s \(--timeout\)"):
+        submit(defense_file(tmp_path, "time.sleep(600)"), name="slow", root=root, overrides=TINY,
+               limits=SandboxLimits(timeout_s=8, memory_mb=4096))
+    assert board_files(root) == []
+
+
+def test_memory_limit_stops_a_runaway_allocation(tmp_path):
+    root = tmp_path / "board"
+    body = "hog = torch.ones(2 ** 29)  # 2 GiB of float32\nreturn [u.clone() for u in update]"
+    with pytest.raises(SubmissionError, match="out of memory|MemoryError|memory"):
+        submit(defense_file(tmp_path, body), name="hog", root=root, overrides=TINY,
+               limits=SandboxLimits(timeout_s=120, memory_mb=1024))
+    assert board_files(root) == []
+
+
+def test_bad_inputs_fail_before_running(tmp_path):
+    root = tmp_path / "board"
+    spec = "examples/defenses/clipped_noise.py:ClippedNoise"
+    with pytest.raises(ConfigError, match="--name 'Bad Name' is invalid"):
+        submit(spec, name="Bad Name", root=root)
+    with pytest.raises(ConfigError, match="does not exist"):
+        submit("missing.py:X", name="x", root=root)
+    with pytest.raises(ConfigError, match="unknown parameter 'clp'"):
+        submit(spec, name="x", root=root, params={"clp": 1.0}, overrides=TINY, limits=FAST)
+    assert board_files(root) == []
+
+
+def test_worked_example_submits_and_appears_on_the_board(tmp_path):
+    """examples/defenses/clipped_noise.py, written only against the public API, becomes a valid entry
+    whose numbers come from the protocol run; a second submission under the same name is refused."""
+    root = tmp_path / "board"
+    path, entry = submit("examples/defenses/clipped_noise.py:ClippedNoise", name="clipped-noise", authors="tests",
+                         params={"clip": 1.0, "noise_ratio": 0.5}, root=root, overrides=TINY, limits=FAST,
+                         reported={"claim": "robust"})
+    assert path == root / "v1-smoke" / "clipped-noise.json"
+    loaded = load_entry(path)  # the board's validator accepts it
+    assert [e.name for e in load_board("v1-smoke", root)] == ["clipped-noise"]
+    assert loaded.data["defense"] == {"source": "file:examples/defenses/clipped_noise.py:ClippedNoise",
+                                      "params": {"clip": 1.0, "noise_ratio": 0.5}}
+    assert set(entry["attacks"]) == {"dlg", "dlg-adaptive"}
+    assert entry["attacks"]["dlg-adaptive"]["variant"] == "adaptive" and entry["attacks"]["dlg"]["variant"] == "fixed"
+    assert entry["worst_case"]["leak_rate"] == max(a["leak_rate"] for a in entry["attacks"].values())
+    assert 0 < entry["accuracy"]["baseline"] <= 1 and entry["flags"]["accuracy_floor"] == pytest.approx(
+        0.5 * entry["accuracy"]["baseline"], abs=1e-4)
+    assert entry["privacy"] == {} and entry["reported"] == {"claim": "robust"}
+    assert entry["provenance"]["wall_seconds"] > 0
+    with pytest.raises(ConfigError, match="already exists"):
+        submit("examples/defenses/clipped_noise.py:ClippedNoise", name="clipped-noise", root=root, overrides=TINY)
+
+
+# -- telling the accuracy run from the attack runs ------------------------------------------------------
+
+NOISE = """
+    import math
+    import torch
+    from leakbench import Defense, Param
+
+    class {cls}(Defense):
+        params = (Param("variance", float, 1e-3),)
+
+        def noisy(self, update, generator, variance):
+            std = math.sqrt(variance)
+            return [u + std * torch.randn(u.shape, generator=generator, dtype=u.dtype) for u in update]
+"""
+HONEST = NOISE + """
+        def transform(self, update, *, generator=None):
+            return self.noisy(update, generator, self.variance)
+"""
+# Looks for any sign of being attacked: leakbench's attack and training functions on the stack, the modules
+# they live in, the process it runs in. Attacked, it shares pure noise (the attacks get nothing); trained,
+# it is honest. It also fails loudly if two calls ever come through different call stacks.
+SNIFFER = NOISE + """
+        stacks = set()
+        strict = True  # fail if two calls come through different call stacks
+
+        def attacked(self):
+            import inspect, os, sys
+            names = {f.function for f in inspect.stack()}
+            files = {f.filename for f in inspect.stack()}
+            self.stacks.add(tuple(sorted(names)))
+            if self.strict and len(self.stacks) > 1:
+                raise RuntimeError(f"saw {len(self.stacks)} different call stacks")
+            training = "train_with_defense" in names or "accuracy_run" in names
+            attack = bool(names & {"run_gradient_cell", "run_cell", "run_one"}) or any(
+                "attacks" in f or "runner" in f for f in files) or os.environ.get("PYTEST_CURRENT_TEST")
+            return bool(attack) and not training
+
+        def transform(self, update, *, generator=None):
+            if self.attacked():
+                return self.noisy([torch.zeros_like(u) for u in update], generator, 1.0)
+            return self.noisy(update, generator, self.variance)
+"""
+
+
+def _numbers(entry):
+    return entry["accuracy"], entry["attacks"], entry["worst_case"]
+
+
+def test_a_defense_that_tries_to_tell_the_runs_apart_gains_nothing(tmp_path, monkeypatch):
+    """Honest noise (installed as an entry-point plugin) and a sniffer that cheats whenever it sees an
+    attack get identical entries: in the sandbox every update comes through the same call with the same
+    kind of inputs. Run in-process, the same sniffer would cheat, which is why submissions never are."""
+    plugin = tmp_path / "site"
+    (plugin / "honest_plugin-0.1.dist-info").mkdir(parents=True)
+    (plugin / "honest_plugin.py").write_text(textwrap.dedent(HONEST.replace("{cls}", "HonestNoise")))
+    (plugin / "honest_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: honest-plugin\n"
+                                                                    "Version: 0.1\n")
+    (plugin / "honest_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        "[leakbench.defenses]\nhonest-noise = honest_plugin:HonestNoise\n")
+    monkeypatch.setenv("PYTHONPATH", str(plugin))  # what `pip install` would make visible to the sandbox
+    sniffer = tmp_path / "sniffer.py"
+    sniffer.write_text(textwrap.dedent(SNIFFER.replace("{cls}", "Sniffer")))
+    params = {"variance": 1e-4}
+
+    _, honest = submit("entry-point:honest-noise", name="noise", root=tmp_path / "a", params=params,
+                       overrides=TINY, limits=FAST)
+    _, cheat = submit(f"{sniffer}:Sniffer", name="noise", root=tmp_path / "b", params=params,
+                      overrides=TINY, limits=FAST)
+    assert honest["defense"]["source"] == "entry-point:honest-noise"
+    assert _numbers(cheat) == _numbers(honest)
+    assert honest["attacks"]["dlg"]["psnr_median"] > 15  # variance 1e-4 leaks: cheating would have shown
+
+    # the same sniffer run in-process (as trusted built-ins are) does detect the attacks and cheats
+    import importlib.util
+
+    from leakbench.registry import DEFENSES
+
+    spec = importlib.util.spec_from_file_location("sniffer_in_process", sniffer)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.Sniffer.strict = False  # in-process the stacks do differ; let it cheat
+    DEFENSES.add("test-sniffer-in-process", module.Sniffer)
+    try:
+        _, in_process = submit("builtin:test-sniffer-in-process", name="noise", root=tmp_path / "c", params=params,
+                               overrides=TINY)
+        # honest while trained, pure noise when attacked
+        assert in_process["accuracy"]["value"] > in_process["flags"]["accuracy_floor"]
+        assert in_process["attacks"]["dlg"]["psnr_median"] < honest["attacks"]["dlg"]["psnr_median"] - 5
+    finally:
+        DEFENSES.remove("test-sniffer-in-process")
