@@ -42,7 +42,8 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
     from .results import atomic_write_bytes, computed_once
     from .runner import derive_seed
 
-    key = ("oracle", cell.dataset.name, str(sorted(cell.dataset.params.items())), cell.seed)
+    key = ("oracle", cell.dataset.name, str(sorted(cell.dataset.params.items())), cell.seed,
+           str(sorted(cell.grid.oracle.items())))
     if key not in runner.shared:
         train = runner.dataset(cell.dataset, "train")
         seed = derive_seed("oracle", cell.seed)
@@ -50,6 +51,7 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
         # train_oracle's defaults are part of the key, so changing them retrains instead of reusing
         training = {name: p.default for name, p in inspect.signature(train_oracle).parameters.items()
                     if p.default is not inspect.Parameter.empty}
+        training.update(cell.grid.oracle)  # the grid's `oracle:` settings
         key_obj = {"dataset": {"name": cell.dataset.name, "params": cell.dataset.params}, "seed": cell.seed,
                    "fraction": ORACLE_FRACTION, "training": training, "data_dir": bool(runner.options.data_dir)}
 
@@ -66,7 +68,8 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
             return Oracle(model=model, num_classes=oracle_data.num_classes, train_samples=len(oracle_data))
 
         oracle = computed_once(runner.cache_dir / "oracle" / f"{config_hash(key_obj)}.pt",
-                               lambda: train_oracle(oracle_data, seed=seed), read=read, write=write)
+                               lambda: train_oracle(oracle_data, seed=seed, **cell.grid.oracle),
+                               read=read, write=write)
         runner.shared[key] = (pool, oracle)
     return runner.shared[key]
 

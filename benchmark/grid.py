@@ -17,13 +17,14 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .leak_scores import LeakRule
+from .leak_scores import ORACLE_PARAMS, LeakRule
+from .params import check_section
 from .metrics import RecognisabilityRule
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, _ensure_builtins
 from .training import TrainingConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
-                  "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "subgrids")
+                  "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "oracle", "subgrids")
 GRID_SETTINGS = ("gradient", "collaborative", "model")  # attack settings a grid can run
 THREAT_KEYS = ("model_state", "train_steps", "labels_known")
 MODEL_STATES = ("random-init", "trained")
@@ -126,11 +127,12 @@ class Cell:
             return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
                     "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
                     "protocol": self.protocol(), "gan_verdict": vars(grid.gan_verdict),
-                    "accuracy": grid.accuracy.as_dict()}
+                    "accuracy": grid.accuracy.as_dict(), **_oracle_key(grid)}
         if setting == "model":  # the attacked model is the accuracy run's
             return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
                     "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
-                    "gan_verdict": vars(grid.gan_verdict), "accuracy": grid.accuracy.as_dict()}
+                    "gan_verdict": vars(grid.gan_verdict), "accuracy": grid.accuracy.as_dict(),
+                    **_oracle_key(grid)}
         return {
             "attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
             "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
@@ -166,6 +168,7 @@ class Grid:
     verdict: RecognisabilityRule
     protocol: dict = field(default_factory=dict)      # the agreed protocol of collaborative attack cells
     gan_verdict: Any = None                           # LeakRule of collaborative attack cells
+    oracle: dict = field(default_factory=dict)        # train_oracle settings that differ from its defaults
     source: str = ""
 
     subgrids: list["Grid"] = field(default_factory=list)
@@ -316,6 +319,7 @@ def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
         verdict=RecognisabilityRule.from_config(raw.get("verdict")),
         protocol=_protocol(raw.get("protocol")),
         gan_verdict=LeakRule.from_config(raw.get("gan_verdict")),
+        oracle=check_section("grid: oracle", raw.get("oracle"), ORACLE_PARAMS),
         source=source,
         subgrids=[load_grid(_relative(source, s), _seen=_seen) for s in _names(raw.get("subgrids"), "subgrids")],
     )
@@ -334,3 +338,9 @@ def load_grid(spec: str | Path, *, _seen: tuple = ()) -> Grid:
     if path in _seen:
         raise ConfigError(f"grid subgrids cycle: {' -> '.join(_seen + (path,))}")
     return parse_grid(read_grid_yaml(spec), source=path, _seen=_seen + (path,))
+
+
+def _oracle_key(grid: "Grid") -> dict:
+    """The oracle's settings belong to a cell's identity only when a grid sets them (so cells of grids
+    that use the defaults keep their keys)."""
+    return {"oracle": dict(grid.oracle)} if grid.oracle else {}

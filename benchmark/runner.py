@@ -314,5 +314,5 @@ def _grid_snapshot(grid: Grid) -> dict:
             "datasets": [d.as_dict() for d in grid.datasets], "models": [m.as_dict() for m in grid.models],
             "attacks": [a.as_dict() for a in grid.attacks], "defenses": [d.as_dict() for d in grid.defenses],
             "seeds": grid.seeds, "targets": grid.targets, "split": grid.split, "threat": grid.threat,
-            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol),
+            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol), "oracle": dict(grid.oracle),
             "subgrids": [_grid_snapshot(g) for g in grid.subgrids]}

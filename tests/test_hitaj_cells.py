@@ -130,3 +130,24 @@ def test_hitaj_grids_run_model_inversion_on_mlp_and_cnn_and_the_gan_on_the_cnn()
                     if c.model.name == model and c.attack.name == attack}
 
         assert defenses("mlp", "model-inversion") == defenses("hitaj-mnist-cnn", "gan-active")
+
+
+def test_a_grid_may_train_its_oracle_longer_and_that_is_part_of_the_cell_identity(tmp_path):
+    """Small datasets need more oracle epochs (hitaj-faces sets 75); grids that keep the defaults keep
+    their cell keys, a grid that changes them gets new ones, and a misspelt key is a one-line error."""
+    from leakbench.errors import ConfigError
+
+    assert load_grid("hitaj-faces").oracle == {"epochs": 75}
+    small = load_grid("hitaj-small")
+    assert small.oracle == {}
+    path = tmp_path / "longer.yaml"
+    raw = yaml.safe_load(open(small.source))
+    raw["subgrids"] = []  # the MLP subgrid lives beside the shipped file
+    path.write_text(yaml.safe_dump({**raw, "oracle": {"epochs": 20}}))
+    longer = load_grid(str(path))
+    assert [c.config()["oracle"] for c in longer.cells()] == [{"epochs": 20}] * len(longer.cells())
+    assert all("oracle" not in c.config() for c in small.cells())
+    assert {c.key() for c in longer.cells()}.isdisjoint({c.key() for c in small.cells()})
+    path.write_text(yaml.safe_dump({**raw, "oracle": {"epoch": 20}}))
+    with pytest.raises(ConfigError, match=r"grid: oracle: unknown key 'epoch'. Did you mean 'epochs'\?"):
+        load_grid(str(path))
