@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="run only this seed instead of the grid's seeds")
     run.add_argument("--threads", type=int, default=None,
                      help="torch intra-op threads per worker (default: torch's when serial, else cores / workers)")
-    run.add_argument("--workers", type=int, default=1, help="cells run in parallel (default 1: serially)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="cells run in parallel (default: one worker per core, at most one per cell; "
+                          "1 runs them serially in this process)")
     run.add_argument("--executor", default="local", help="local (a process pool on this machine) or ray [local]")
     run.add_argument("--ray-address", default=None,
                      help="a running Ray cluster, e.g. HOST:6379 (default: start a local Ray instance)")
@@ -128,7 +130,12 @@ def cmd_run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
         torch.set_num_threads(args.threads)
-    executor = make_executor(args.executor, args.workers, args.threads, args.ray_address)
+    workers = args.workers
+    if workers is None:  # a process pool by default: one worker per core, never more than cells
+        from .executors import available_cores
+
+        workers = max(1, min(available_cores(), len(grid.cells())))
+    executor = make_executor(args.executor, workers, args.threads, args.ray_address)
     data_dir = args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR")
     if data_dir and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir {data_dir!r} is not a folder")
