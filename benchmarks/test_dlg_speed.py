@@ -87,6 +87,41 @@ def test_engine(benchmark, cifar, k, stop, compiled):
     measure(benchmark, label, attack, make_tasks(cifar, max(k, REFERENCE_TARGETS)))
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+@pytest.mark.parametrize("k", [1, 8, 32, 64])
+def test_peak_memory(cifar, k):
+    """Resident memory added by one engine run of K instances (sampled every 10 ms; hand-written
+    rather than psutil, a dependency for one number). The history fills within the first steps
+    (100 pairs by iteration 101), so 12 steps reach the peak."""
+    import threading
+
+    tasks = make_tasks(cifar, k)
+    attack = ATTACKS.build("dlg", {"steps": 12, "slots": k})
+    attack.run([t for t, _, _ in tasks[:1]])  # warm up allocator and kernels
+    base, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    attack.run([t for t, _, _ in tasks])
+    done.set()
+    sampler.join()
+    history_mb = k * 2 * 100 * (32 * 32 * 3 + 10) * 4 / 2 ** 20
+    RESULTS[f"memory K={k}"] = {"peak_rss_added_mb": round((peak[0] - base) / 2 ** 20, 1),
+                                "history_mb": round(history_mb, 1)}
+    print(f"K={k}", RESULTS[f"memory K={k}"])
+    assert peak[0] >= base
+
+
 def test_flops_and_peak_fraction(cifar):
     """FLOPs of one gradient-matching evaluation (torch's FLOP counter) against this machine's measured
     matmul peak, and the fraction of it the engine reached at K = 64."""
@@ -118,6 +153,9 @@ def test_flops_and_peak_fraction(cifar):
 def test_summary():
     if "reference" not in RESULTS:
         pytest.skip("the timed tests did not run")
+    for label, info in RESULTS.items():
+        if label.startswith("memory"):
+            print(label, info)
     print("\n| run | targets | attacks/min | speed-up | success | evals/attack | ms/eval | peak |")
     print("|---|---|---|---|---|---|---|---|")
     for label, info in RESULTS.items():
