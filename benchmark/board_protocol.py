@@ -5,8 +5,10 @@ seed a board with the built-in defenses.
 A protocol is a grid (``configs/leaderboard-v1.yaml``, ``configs/leaderboard-v1-smoke.yaml``: attacks and
 their budgets, adaptive variants, dataset, model, seeds, targets, accuracy training) plus how entries are
 judged (``configs/_leaderboard.yaml``: accuracy floor, verify tolerance). The submitted defense replaces
-the grid's placeholder defense; every number comes from ``Runner.run_cell``, the same scoring and verdict
-rule as any grid, and the baseline accuracy from ``Runner.accuracy`` of ``none``.
+the grid's placeholder defense, in the grid and in its subgrids (model inversion and the GAN attack, which
+need their own model and data); every number comes from ``Runner.run_cell``, the same scoring and verdict
+rule as any grid, and the baseline accuracy from ``Runner.accuracy`` of ``none``. The entry's accuracy is
+the first cell's, the main grid's.
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ def run_protocol(source: DefenseSource, params: dict, *, name: str, protocol: Pr
     """Run ``protocol``'s cells against the defense. ``overrides`` deep-merge into the protocol's grid
     (tests use a tiny budget); ``first_cell_only`` runs the accuracy run and the first attack cell, in
     the same order as a full run, which is what ``verify`` samples."""
-    from .grid import Cell, ComponentSpec, parse_grid
+    from .grid import Cell, ComponentSpec, resolve_grid_path
     from .runner import RunOptions, Runner
 
     import torch
@@ -114,21 +116,19 @@ def run_protocol(source: DefenseSource, params: dict, *, name: str, protocol: Pr
     raw = _deep_merge(protocol.grid_raw(), overrides or {})
     with submitted_defense(source, params, name=name, limits=limits) as submitted, \
             tempfile.TemporaryDirectory(prefix="leakbench-board-") as tmp:
-        raw["defenses"] = [{"name": submitted.registry_name, "params": submitted.params}]
-        raw.pop("subgrids", None)
-        grid = parse_grid(raw, source=protocol.grid)
+        defense = {"name": submitted.registry_name, "params": submitted.params}
+        grid = protocol_grid(raw, defense, source=str(resolve_grid_path(protocol.grid)))
         runner = Runner(grid, RunOptions(out_dir=Path(tmp), data_dir=data_dir, device=device, progress=False))
-        for ds in grid.datasets:  # a missing dataset is bad input: fail before the defense runs
-            runner.dataset(ds, grid.split)
+        for g in grid.all_grids():  # a missing dataset is bad input: fail before the defense runs
+            for ds in g.datasets:
+                runner.dataset(ds, g.split)
         cells = grid.cells()[:1] if first_cell_only else grid.cells()
         records = []
         for cell in cells:
             record = runner.run_cell(cell)
             records.append(record)
             if progress:
-                m = record["metrics"]
-                progress(f"  {cell.attack.name:<14} leak {m['leak_rate']:.0%}  PSNR {m['psnr_median']:.1f} dB  "
-                         f"accuracy {record['accuracy']:.1%}  ({record['wall_seconds']:.1f} s)")
+                progress(progress_line(record))
         first = cells[0]
         baseline = runner.accuracy(Cell(first.attack, ComponentSpec("none", {}), first.dataset, first.model,
                                         first.seed, grid))
@@ -141,17 +141,63 @@ def run_protocol(source: DefenseSource, params: dict, *, name: str, protocol: Pr
                         wall_seconds=time.perf_counter() - started)
 
 
+def protocol_grid(raw: dict, defense: dict, *, source: str):
+    """The protocol's grid with ``defense`` in place of the placeholder, in the grid and in every subgrid
+    (model inversion and the GAN attack need their own model and dataset, so they are subgrids: each
+    cell keeps its own grid's settings). ``raw["subgrids"]`` lists grid names or paths relative to
+    ``source``, or inline grid mappings (tests' tiny budgets)."""
+    from .grid import _relative, parse_grid, read_grid_yaml, resolve_grid_path
+
+    raw = dict(raw)
+    subgrids = raw.pop("subgrids", None) or []
+    if not isinstance(subgrids, list):
+        raise ConfigError(f"grid {source}: subgrids must be a list of grid names or mappings")
+    grid = parse_grid({**raw, "defenses": [defense]}, source=source)
+    for sub in subgrids:
+        if isinstance(sub, dict):
+            grid.subgrids.append(protocol_grid(sub, defense, source=source))
+        elif isinstance(sub, str):
+            path = resolve_grid_path(_relative(source, sub))
+            grid.subgrids.append(protocol_grid(read_grid_yaml(path), defense, source=str(path)))
+        else:
+            raise ConfigError(f"grid {source}: subgrids entry {sub!r} is invalid; allowed: a grid name or mapping")
+    return grid
+
+
+def progress_line(record: dict) -> str:
+    """One line per attack cell while a submission runs."""
+    m = record["metrics"]
+    if sample_scored(record):
+        scores = f"oracle {m['oracle_accuracy']:.0%}  NN-SSIM {m['nn_ssim_mean']:.2f}"
+    else:
+        scores = f"PSNR {m['psnr_median']:.1f} dB"
+    return (f"  {record['attack']:<15} leak {m['leak_rate']:.0%}  {scores}  accuracy {record['accuracy']:.1%}  "
+            f"({record['wall_seconds']:.1f} s)")
+
+
 def _finite(value: Any, digits: int) -> float | None:
     return round(float(value), digits) if value is not None and math.isfinite(float(value)) else None
+
+
+def sample_scored(record: dict) -> bool:
+    """Whether the cell scores generated samples (GAN attacks, model inversion: oracle and nearest
+    neighbours) rather than reconstructions of private targets (PSNR, SSIM)."""
+    return record["threat"]["setting"] in ("collaborative", "model")
 
 
 def attack_scores(record: dict) -> dict:
     from .registry import ATTACKS
 
     m = record["metrics"]
+    variant = "adaptive" if getattr(ATTACKS.get(record["attack"]), "adaptive", False) else "fixed"
+    if sample_scored(record):
+        # protocol_accuracy: the attacked model's accuracy (model inversion) or the collaborative
+        # protocol's final accuracy (GAN), not the entry's accuracy column
+        return {"leak_rate": round(float(m["leak_rate"]), 6), "oracle_accuracy": _finite(m.get("oracle_accuracy"), 4),
+                "nn_ssim_mean": _finite(m.get("nn_ssim_mean"), 4), "targets": int(record["targets"]),
+                "protocol_accuracy": _finite(m.get("protocol_accuracy"), 4), "variant": variant}
     return {"leak_rate": round(float(m["leak_rate"]), 6), "psnr_median": _finite(m.get("psnr_median"), 3),
-            "ssim_median": _finite(m.get("ssim_median"), 4), "targets": int(record["targets"]),
-            "variant": "adaptive" if getattr(ATTACKS.get(record["attack"]), "adaptive", False) else "fixed"}
+            "ssim_median": _finite(m.get("ssim_median"), 4), "targets": int(record["targets"]), "variant": variant}
 
 
 def _git_commit() -> str | None:
@@ -182,6 +228,10 @@ def build_entry(measured: Measured, *, protocol: Protocol, name: str, authors: s
 
     records = measured.records
     attacks = {r["attack"]: attack_scores(r) for r in records}
+    if len(attacks) != len(records):  # an entry holds one score per attack: a repeat would hide one
+        repeated = sorted({r["attack"] for r in records if sum(o["attack"] == r["attack"] for o in records) > 1})
+        raise ConfigError(f"protocol {protocol.name} runs {', '.join(repeated)} in more than one cell; "
+                          f"allowed: each attack once (an entry holds one score per attack)")
     worst = max(attacks, key=lambda a: (attacks[a]["leak_rate"], -list(attacks).index(a)))
     value = round(float(records[0]["accuracy"]), 4)
     baseline = round(measured.baseline_accuracy, 4)

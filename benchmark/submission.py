@@ -6,8 +6,10 @@ environment and no GPU. The parent keeps a wall-clock deadline and kills the gro
 
 Inside leakbench the submission is a ``Defense`` proxy registered under ``submitted:<name>``: its
 ``share`` sends (model, batch, soft labels, seed) to the child and gets the shared update back. The
-accuracy run (leakbench's own ``train_with_defense``) and every attack call that same ``share``, so the
-one defense object in the child produces every update. The parent checks each update it receives:
+accuracy run (leakbench's own ``train_with_defense``) and every gradient attack call that same ``share``,
+so the one defense object in the child produces every update. The GAN cells' collaborative protocol
+computes each participant's update itself (the parameter delta of a turn) and calls the proxy's
+``transform``, which the same object in the child answers. The parent checks each update it receives:
 one tensor per trainable parameter, the parameter's shape, its floating dtype, all finite. Any violation,
 crash, timeout or memory exhaustion raises a one-line ``SubmissionError`` (a ``ConfigError``).
 
@@ -224,11 +226,12 @@ class DefenseSandbox:
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape).clone()
 
 
-def check_update(update: list[torch.Tensor], params: list[tuple[str, nn.Parameter]], label: str
-                 ) -> list[torch.Tensor]:
-    """The parent's own check of a shared update (the child is not trusted to have checked it)."""
+def check_update(update: list[torch.Tensor], params: list[tuple[str, torch.Tensor]], label: str, *,
+                 method: str = "share") -> list[torch.Tensor]:
+    """The parent's own check of a shared update (the child is not trusted to have checked it): one
+    tensor per entry of ``params`` (name, reference tensor), of its shape and dtype, all finite."""
     def bad(problem: str) -> SubmissionError:
-        return SubmissionError(f"submitted defense {label}: share returned {problem}")
+        return SubmissionError(f"submitted defense {label}: {method} returned {problem}")
 
     if len(update) != len(params):
         raise bad(f"{len(update)} tensors, expected {len(params)} (one per trainable parameter)")
@@ -278,8 +281,17 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
         def compute_update(self, *args, **kwargs):
             raise NotImplementedError("a submitted defense computes its update in the sandbox: call share()")
 
-        def transform(self, *args, **kwargs):
-            raise NotImplementedError("a submitted defense transforms its update in the sandbox: call share()")
+        def transform(self, update: list[torch.Tensor], *, generator: torch.Generator | None = None
+                      ) -> list[torch.Tensor]:
+            # an update leakbench computed itself: the collaborative protocol's parameter delta, which a
+            # participant passes through the defense before the agreed upload rule (the GAN cells)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
+            device = update[0].device if update else torch.device("cpu")
+            # clone: the pieces are views of one flat delta, and pickling a view would send all of it
+            pieces = [u.detach().cpu().clone() for u in update]
+            _, shared = sandbox.request(("transform", pieces, seed), what="transform")
+            reference = [(f"tensor {i}", u) for i, u in enumerate(update)]
+            return [u.to(device) for u in check_update(shared, reference, sandbox.label, method="transform")]
 
         def privacy(self, *, steps: int, sample_rate: float) -> dict[str, Any]:
             return {}  # a submission's privacy claim is recorded under `reported`, not measured

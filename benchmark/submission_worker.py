@@ -5,7 +5,9 @@ Run as ``python -m leakbench.submission_worker --fd N --memory-mb M --cpu-second
 imported, then serves one request at a time over the inherited socket. Every update, in the accuracy
 run and in the attacks alike, is produced by the same ``serve_share`` call on the same defense object, with
 the same kind of inputs (the victim's model, its batch, a seed), so the defense cannot tell the two apart
-by its call stack, globals or process.
+by its call stack, globals or process. The one exception is the GAN cells' collaborative protocol: it
+computes a participant's update itself (the parameter delta of a turn) and sends a ``transform`` request,
+which the same defense object answers without ``compute_update``.
 
 Answers go back in a format the parent parses without unpickling (a JSON header, then raw tensor bytes):
 the parent must not run code the child chose.
@@ -158,6 +160,13 @@ def serve(conn: Connection) -> None:
                                     "compute_update")
                 where = "transform"
                 shared = _check_update(defense.transform([u.clone() for u in raw], generator=generator), params,
+                                       "transform")
+                reply.ok(None, shared)
+            elif kind == "transform":  # an update leakbench computed (the collaborative protocol's delta)
+                _, update, seed = request
+                generator = torch.Generator().manual_seed(seed)
+                where = "transform"
+                shared = _check_update(defense.transform([u.clone() for u in update], generator=generator), update,
                                        "transform")
                 reply.ok(None, shared)
             elif kind == "privacy":

@@ -22,6 +22,7 @@ TINY = {
     "attacks": [{"name": "idlg", "params": {"steps": 4}}, {"name": "dlg", "params": {"steps": 4}}],
     "targets": 1,
     "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+    "subgrids": [],  # the protocol's model-inversion subgrid has its own test (test_submission.py)
 }
 
 
@@ -58,6 +59,40 @@ def test_shipped_protocols_state_what_the_issue_asks():
     assert full.targets == 8 and all(d.params["image_size"] == 32 for d in full.datasets)
     with pytest.raises(ConfigError, match="unknown protocol 'v2'"):
         load_protocol("v2")
+
+
+def test_protocols_add_model_inversion_everywhere_and_the_gan_attack_on_the_gpu_protocol():
+    """Model inversion (both protocols) attacks an MLP, the model it works on, trained under the defense:
+    digits for v1-smoke, MNIST for v1. gan-active runs in v1 only (MNIST, 12 rounds); v1-smoke's file says
+    why it leaves the GAN attacks out. Each attack runs in one cell, so an entry has one score per attack."""
+    cells = {name: {c.attack.name: c for c in load_grid(p.grid).cells()} for name, p in protocols().items()}
+    for name, dataset in (("v1-smoke", "digits"), ("v1", "mnist")):
+        assert len(cells[name]) == len(load_grid(protocols()[name].grid).cells())  # no attack twice
+        inversion = cells[name]["model-inversion"]
+        assert ATTACKS.get("model-inversion").setting == "model"
+        assert (inversion.model.name, inversion.model.params["activation"]) == ("mlp", "sigmoid")
+        assert inversion.dataset.name == dataset and [d.name for d in inversion.grid.defenses] == ["none"]
+    assert {"gan-active", "gan-passive"}.isdisjoint(cells["v1-smoke"])
+    gan = cells["v1"]["gan-active"]
+    assert ATTACKS.get("gan-active").setting == "collaborative"
+    assert gan.dataset.name == "mnist" and gan.protocol()["max_rounds"] == 12
+    assert gan.model.params["extra_class"] is True  # the adversary's artificial class
+    smoke_file = load_grid(protocols()["v1-smoke"].grid)
+    assert "GAN" in smoke_file.description and "CPU" in smoke_file.description
+
+
+def test_an_attack_in_two_cells_of_a_protocol_is_refused():
+    from leakbench.board_protocol import Measured, build_entry
+    from leakbench.submission import DefenseSource
+
+    record = {"attack": "dlg", "threat": {"setting": "gradient"}, "targets": 2, "accuracy": 0.9,
+              "metrics": {"leak_rate": 0.5, "psnr_median": 20.0, "ssim_median": 0.6}}
+    measured = Measured(records=[record, dict(record)], baseline_accuracy=0.9, params={}, label="none",
+                        privacy_claim={}, seeds=[0], device="cpu", wall_seconds=1.0)
+    with pytest.raises(ConfigError, match=r"protocol v1-smoke runs dlg in more than one cell") as err:
+        build_entry(measured, protocol=load_protocol("v1-smoke"), name="x", authors="tests", link=None,
+                    source=DefenseSource.parse("builtin:none"))
+    assert "\n" not in str(err.value)
 
 
 def test_pruning_adaptation_matches_exactly_the_surviving_coordinates(digits8):

@@ -19,6 +19,7 @@ TINY = {
                 {"name": "dlg-adaptive", "params": {"steps": 2, "restarts": 1, "lr_sweep": [1.0, 0.1]}}],
     "targets": 1,
     "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+    "subgrids": [],  # the protocol's model-inversion subgrid has its own test (below)
 }
 FAST = SandboxLimits(timeout_s=120, memory_mb=4096)
 
@@ -217,3 +218,156 @@ def test_a_defense_that_tries_to_tell_the_runs_apart_gains_nothing(tmp_path, mon
         assert in_process["attacks"]["dlg"]["psnr_median"] < honest["attacks"]["dlg"]["psnr_median"] - 5
     finally:
         DEFENSES.remove("test-sniffer-in-process")
+
+
+# -- attacks on the trained model and inside the collaborative protocol ---------------------------------
+
+# The v1-smoke model-inversion subgrid's structure (an MLP on the digits) with test-sized budgets.
+TINY_INVERSION = {
+    "name": "tiny-inversion",
+    "datasets": [{"name": "digits", "params": {"image_size": 8}}],
+    "models": [{"name": "mlp", "params": {"depth": 1, "hidden": 32, "activation": "sigmoid"}}],
+    "attacks": [{"name": "model-inversion", "params": {"target_class": 3, "steps": 30, "step_size": 1.0}}],
+    "defenses": ["none"],
+    "gan_verdict": {"min_ssim": 0.3},
+    # one epoch: the proxy of a sandboxed defense draws the child's seed from the run's generator, which the
+    # next epoch's batch order also draws from, so only a one-epoch run matches an in-process run batch for batch
+    "accuracy": {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.1, "momentum": 0.0,
+                 "train_size": 128, "test_size": 64},
+}
+HALVED = """
+    import torch
+    from leakbench import Defense
+
+    class Halved(Defense):
+        def transform(self, update, *, generator=None):
+            return [0.5 * u for u in update]
+"""
+
+
+def test_model_inversion_attacks_the_model_the_submitted_defense_trained(tmp_path, monkeypatch):
+    """The model-inversion cell inverts the model its accuracy run trained through the sandboxed defense:
+    the weights it attacks equal an in-process accuracy run of the same (deterministic) class, and differ
+    from the undefended model's. Its entry scores are the GAN-style fields, and count in the worst case."""
+    import importlib.util
+
+    import torch
+
+    from leakbench.attacks.model_inversion import ModelInversion
+    from leakbench.board_protocol import protocol_grid
+    from leakbench.registry import DEFENSES
+    from leakbench.runner import Runner, RunOptions
+
+    attacked = []
+    invert = ModelInversion.attack_model
+
+    def spy(self, model, **kwargs):
+        attacked.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return invert(self, model, **kwargs)
+
+    monkeypatch.setattr(ModelInversion, "attack_model", spy)
+    path = tmp_path / "halved.py"
+    path.write_text(textwrap.dedent(HALVED))
+    _, entry = submit(f"{path}:Halved", name="halved", root=tmp_path / "board", limits=FAST,
+                      overrides={**TINY, "subgrids": [TINY_INVERSION]})
+    assert len(attacked) == 1
+    scores = entry["attacks"]["model-inversion"]
+    assert set(scores) == {"leak_rate", "oracle_accuracy", "nn_ssim_mean", "targets", "protocol_accuracy", "variant"}
+    assert scores["variant"] == "fixed" and scores["targets"] == 1 and scores["nn_ssim_mean"] is not None
+    assert set(entry["attacks"]) == {"dlg", "dlg-adaptive", "model-inversion"}
+    assert entry["worst_case"]["leak_rate"] == max(a["leak_rate"] for a in entry["attacks"].values())
+
+    def trained(defense_name):
+        grid = protocol_grid(TINY_INVERSION, {"name": defense_name, "params": {}}, source="tiny-inversion")
+        runner = Runner(grid, RunOptions(out_dir=tmp_path / defense_name, progress=False))
+        accuracy, model = runner.trained_model(grid.cells()[0])
+        return accuracy, model.state_dict()
+
+    spec = importlib.util.spec_from_file_location("halved_in_process", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    DEFENSES.add("test-halved-in-process", module.Halved)
+    try:
+        accuracy, halved = trained("test-halved-in-process")
+    finally:
+        DEFENSES.remove("test-halved-in-process")
+    _, undefended = trained("none")
+    assert set(attacked[0]) == set(halved)
+    assert all(torch.allclose(attacked[0][k], halved[k], atol=1e-6) for k in halved)
+    assert max(float((attacked[0][k] - undefended[k]).abs().max()) for k in undefended) > 1e-3
+    assert scores["protocol_accuracy"] == pytest.approx(accuracy["accuracy"], abs=1e-4)
+
+
+# The v1 GAN subgrid's structure (gan-active, hitaj-mnist-cnn, two participants) on the digits, tiny.
+TINY_GAN = {
+    "name": "tiny-gan",
+    "datasets": [{"name": "digits", "params": {"image_size": 32, "scale": "[-1,1]"},
+                  "protocol": {"participant_labels": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+                               "samples_per_participant": 64}}],
+    "models": [{"name": "hitaj-mnist-cnn", "params": {"extra_class": True}}],
+    "attacks": [{"name": "gan-active", "params": {"target_class": 3, "generator_width": 4, "samples": 8,
+                                                  "generator_batch": 8}}],
+    "defenses": ["none"],
+    "protocol": {"lr": 0.05, "max_rounds": 2, "local_batches": 2, "evaluate_local": False},
+    "gan_verdict": {"min_ssim": 0.3},
+    "accuracy": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.0,
+                 "train_size": 64, "test_size": 64},
+}
+# Logs every transform call (to a file the test reads: the object lives in the sandbox) and whether its own
+# compute_update produced the update; shares nothing.
+ZERO_UPLOADS = """
+    import json
+    import torch
+    from leakbench import Defense
+
+    class ZeroUploads(Defense):
+        computed = False
+
+        def compute_update(self, model, x, soft_labels, *, generator=None):
+            self.computed = True
+            return super().compute_update(model, x, soft_labels, generator=generator)
+
+        def transform(self, update, *, generator=None):
+            with open(LOG, "a") as log:
+                log.write(json.dumps({"after_compute_update": self.computed,
+                                      "shapes": [list(u.shape) for u in update]}) + "\\n")
+            self.computed = False
+            return [torch.zeros_like(u) for u in update]
+"""
+
+
+def test_gan_uploads_go_through_the_submitted_transform(tmp_path):
+    """In the GAN cell every participant's upload (the turn's parameter delta, computed by leakbench) goes
+    through the sandboxed object's transform: one transform-only call per participant and round, with the
+    shared model's shapes. Its zeros reach the server (the global model never moves). The cell's scores
+    enter the entry with the GAN-style fields and count in the worst case."""
+    import json
+
+    from leakbench.board_protocol import build_entry, load_protocol, run_protocol
+    from leakbench.models import build_model
+    from leakbench.submission import DefenseSource
+
+    log = tmp_path / "transform.log"
+    path = tmp_path / "zero_uploads.py"
+    path.write_text(textwrap.dedent(ZERO_UPLOADS).replace("LOG", repr(str(log))))
+    source = DefenseSource.parse(f"{path}:ZeroUploads")
+    protocol = load_protocol("v1-smoke")
+    measured = run_protocol(source, {}, name="zero", protocol=protocol, limits=FAST,
+                            overrides={**TINY, "attacks": TINY["attacks"][:1], "subgrids": [TINY_GAN]})
+    gan = next(r for r in measured.records if r["attack"] == "gan-active")
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    uploads = [c for c in calls if not c["after_compute_update"]]
+    rounds, participants = len(gan["trace"]), len(gan["threat"]["participant_labels"])
+    assert rounds == TINY_GAN["protocol"]["max_rounds"] and participants == 2
+    assert len(uploads) == rounds * participants
+    model = build_model("hitaj-mnist-cnn", (1, 32, 32), 10, extra_class=True)
+    shapes = [list(p.shape) for p in model.parameters() if p.requires_grad]
+    assert all(c["shapes"] == shapes for c in uploads)
+    assert len({t["global_accuracy"] for t in gan["trace"]}) == 1  # zero uploads: the global model stays put
+
+    entry = build_entry(measured, protocol=protocol, name="zero", authors="tests", link=None, source=source)
+    scores = entry["attacks"]["gan-active"]
+    assert scores["variant"] == "fixed" and {"oracle_accuracy", "nn_ssim_mean"} <= set(scores)
+    assert "psnr_median" not in scores
+    assert entry["worst_case"]["leak_rate"] == max(a["leak_rate"] for a in entry["attacks"].values())
