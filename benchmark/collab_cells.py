@@ -123,7 +123,7 @@ def sample_score_fields(score: dict[str, Any], rule: LeakRule) -> dict[str, Any]
 
 
 def run_collaborative_cell(runner: "Runner", cell: "Cell", attack, defense) -> dict[str, Any]:
-    from .runner import cell_identity, derive_seed
+    from .runner import accuracy_fields, cell_identity, derive_seed
 
     started = time.perf_counter()
     grid = cell.grid
@@ -172,9 +172,7 @@ def run_collaborative_cell(runner: "Runner", cell: "Cell", attack, defense) -> d
         },
         "distributions": fields["distributions"],
         "trace": result.trace,
-        "accuracy": accuracy.get("accuracy"),
-        "accuracy_details": {k: v for k, v in accuracy.items() if k != "accuracy"},
-        "privacy": accuracy.get("privacy") or {},
+        **accuracy_fields(accuracy),
         "verdict": fields["verdict"],
         "device": "cpu",
         "wall_seconds": round(time.perf_counter() - started, 3),

@@ -46,7 +46,7 @@ def trained_model_entry(runner: "Runner", cell: "Cell", accuracy_path: Path) -> 
 
 
 def run_model_cell(runner: "Runner", cell: "Cell", attack, defense) -> dict[str, Any]:
-    from .runner import cell_identity, derive_seed
+    from .runner import accuracy_fields, cell_identity, derive_seed
 
     started = time.perf_counter()
     rule = cell.grid.gan_verdict
@@ -82,9 +82,7 @@ def run_model_cell(runner: "Runner", cell: "Cell", attack, defense) -> dict[str,
                                                           .capped(cell.grid.accuracy.test_size)), 4),
         },
         "distributions": fields["distributions"],
-        "accuracy": accuracy.get("accuracy"),
-        "accuracy_details": {k: v for k, v in accuracy.items() if k != "accuracy"},
-        "privacy": accuracy.get("privacy") or {},
+        **accuracy_fields(accuracy),
         "verdict": fields["verdict"],
         "device": "cpu",
         "wall_seconds": round(time.perf_counter() - started, 3),

@@ -46,6 +46,13 @@ def derive_seed(*parts: Any) -> int:
     return int(config_hash(list(parts))[:8], 16) & 0x7FFFFFFF
 
 
+def accuracy_fields(accuracy: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy columns every kind of record carries, from a (cached) accuracy run's result."""
+    return {"accuracy": accuracy.get("accuracy"),
+            "accuracy_details": {k: v for k, v in accuracy.items() if k != "accuracy"},
+            "privacy": accuracy.get("privacy") or {}}
+
+
 def cell_identity(cell: Cell, defense) -> dict[str, Any]:
     """The fields that say which cell a record is, shared by every kind of cell."""
     return {
@@ -232,9 +239,7 @@ class Runner:
             },
             "per_sample": {**per_sample, "recognisable": leak_flags},
             "per_target": per_target,
-            "accuracy": accuracy.get("accuracy"),
-            "accuracy_details": {k: v for k, v in accuracy.items() if k != "accuracy"},
-            "privacy": accuracy.get("privacy") or {},
+            **accuracy_fields(accuracy),
             "verdict": {"defended": rule.defended(leak_rate), "rule": rule.describe(),
                         "metric": rule.metric, "threshold": rule.threshold, "max_leak_rate": rule.max_leak_rate},
             "device": self.options.device,
