@@ -228,22 +228,15 @@ class DefenseSandbox:
 
 def check_update(update: list[torch.Tensor], params: list[tuple[str, torch.Tensor]], label: str, *,
                  method: str = "share") -> list[torch.Tensor]:
-    """The parent's own check of a shared update (the child is not trusted to have checked it): one
-    tensor per entry of ``params`` (name, reference tensor), of its shape and dtype, all finite."""
-    def bad(problem: str) -> SubmissionError:
-        return SubmissionError(f"submitted defense {label}: {method} returned {problem}")
+    """The parent's own check of a shared update (the child is not trusted to have checked it), by the
+    child's rules: one tensor per entry of ``params`` (name, reference tensor), of its shape and dtype,
+    all finite."""
+    from .submission_worker import check_update as check_by_the_rules
 
-    if len(update) != len(params):
-        raise bad(f"{len(update)} tensors, expected {len(params)} (one per trainable parameter)")
-    for u, (name, p) in zip(update, params):
-        if tuple(u.shape) != tuple(p.shape):
-            raise bad(f"shape {tuple(u.shape)} for {name}, expected {tuple(p.shape)}")
-        if u.dtype != p.dtype:
-            raise bad(f"dtype {str(u.dtype).replace('torch.', '')} for {name}, expected "
-                      f"{str(p.dtype).replace('torch.', '')}")
-        if not bool(torch.isfinite(u).all()):
-            raise bad(f"non-finite values (NaN or inf) in {name}")
-    return update
+    try:
+        return check_by_the_rules(update, [p for _, p in params], method)
+    except ValueError as exc:
+        raise SubmissionError(f"submitted defense {label}: {exc}") from None
 
 
 def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense]:

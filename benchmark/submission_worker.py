@@ -91,8 +91,10 @@ def load_defense_class(spec: dict) -> type:
     return DEFENSES.get(spec["name"])
 
 
-def _check_update(update: Any, params: list[torch.nn.Parameter], method: str) -> list[torch.Tensor]:
-    """The update a method returned, or ValueError naming the first problem."""
+def check_update(update: Any, params: list[torch.Tensor], method: str) -> list[torch.Tensor]:
+    """The update a method returned, or ValueError naming the first problem: one tensor per entry of
+    ``params``, of its shape and dtype, all finite. The parent applies the same rules again to what it
+    receives (``leakbench.submission.check_update``), since it does not trust the child."""
     if not isinstance(update, (list, tuple)) or not all(isinstance(u, torch.Tensor) for u in update):
         raise ValueError(f"{method} returned {type(update).__name__}, expected a list of tensors")
     if len(update) != len(params):
@@ -156,17 +158,17 @@ def serve(conn: Connection) -> None:
                 params = [p for p in model.parameters() if p.requires_grad]
                 generator = torch.Generator().manual_seed(seed)
                 where = "compute_update"
-                raw = _check_update(defense.compute_update(model, x, soft_labels, generator=generator), params,
+                raw = check_update(defense.compute_update(model, x, soft_labels, generator=generator), params,
                                     "compute_update")
                 where = "transform"
-                shared = _check_update(defense.transform([u.clone() for u in raw], generator=generator), params,
+                shared = check_update(defense.transform([u.clone() for u in raw], generator=generator), params,
                                        "transform")
                 reply.ok(None, shared)
             elif kind == "transform":  # an update leakbench computed (the collaborative protocol's delta)
                 _, update, seed = request
                 generator = torch.Generator().manual_seed(seed)
                 where = "transform"
-                shared = _check_update(defense.transform([u.clone() for u in update], generator=generator), update,
+                shared = check_update(defense.transform([u.clone() for u in update], generator=generator), update,
                                        "transform")
                 reply.ok(None, shared)
             elif kind == "privacy":

@@ -371,3 +371,22 @@ def test_gan_uploads_go_through_the_submitted_transform(tmp_path):
     assert scores["variant"] == "fixed" and {"oracle_accuracy", "nn_ssim_mean"} <= set(scores)
     assert "psnr_median" not in scores
     assert entry["worst_case"]["leak_rate"] == max(a["leak_rate"] for a in entry["attacks"].values())
+
+
+def test_the_parent_checks_every_update_by_the_childs_rules():
+    """What comes back from the sandbox is checked again in the parent, with the same rules and a
+    one-line message naming the submission."""
+    import torch
+
+    from leakbench.submission import check_update
+
+    params = [("w", torch.zeros(2, 3)), ("b", torch.zeros(3))]
+    good = [torch.ones(2, 3), torch.ones(3)]
+    assert check_update(good, params, "demo") == good
+    for update, problem in (([torch.ones(2, 3)], "1 tensors, expected 2"),
+                            ([torch.ones(3, 2), torch.ones(3)], "tensor 0 has shape (3, 2), expected (2, 3)"),
+                            ([torch.ones(2, 3), torch.ones(3).double()], "tensor 1 has dtype float64"),
+                            ([torch.ones(2, 3), torch.full((3,), float("inf"))], "tensor 1 has non-finite")):
+        with pytest.raises(SubmissionError, match=r"^submitted defense demo: share") as err:
+            check_update(update, params, "demo")
+        assert problem in str(err.value) and "\n" not in str(err.value)
