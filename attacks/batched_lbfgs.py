@@ -24,7 +24,8 @@ How the work stays small:
   that point was already evaluated; here the cached value is reused (the objective is deterministic,
   so the trajectory is unchanged). ``evals`` counts evaluations actually computed.
 - Finished instances stop costing work: an instance finishes when its step budget is spent, when its
-  objective falls below ``stop_loss`` (the gradient distance, which the attacker can see), when
+  objective falls below ``stop_loss`` (the gradient distance, which the attacker can see), when its
+  best objective did not halve (``stall_factor``) over the last ``stall_window`` evaluations, when
   torch's L-BFGS would make no further progress (gradient below ``tolerance_grad`` at the start of a
   step, or a non-descent direction, after which every later step repeats the same no-op), or when it
   diverges (non-finite value or gradient; its last finite point is kept, and it is restarted from a
@@ -46,7 +47,7 @@ Reinit = Callable[[int, int], torch.Tensor]
 # (instance id, steps taken, variables (D,)) -> None, called each time an instance ends a step
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
-RUNNING, STEPS, CONVERGED, OPTIMAL, DIVERGED = "running", "steps", "converged", "optimal", "diverged"
+RUNNING, STEPS, CONVERGED, OPTIMAL, DIVERGED, STALLED = "running", "steps", "converged", "optimal", "diverged", "stalled"
 
 
 @dataclass
@@ -56,7 +57,7 @@ class BatchedLBFGSResult:
     steps: torch.Tensor      # (M,) L-BFGS steps taken
     evals: torch.Tensor      # (M,) objective evaluations computed
     restarts: torch.Tensor   # (M,) restarts after divergence
-    status: list[str]        # per instance: steps, converged, optimal or diverged
+    status: list[str]        # per instance: steps, converged, optimal, stalled or diverged
     ticks: int = 0           # batched objective calls
 
 
@@ -74,9 +75,13 @@ class BatchedLBFGS:
     def __init__(self, *, steps: int, lr: float = 1.0, max_iter: int = 20, max_eval: int | None = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
                  slots: int = 64, stop_loss: float = 0.0, restarts: int = 0, fresh_each_step: bool = False,
-                 gradient_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, idle_limit: int = 1) -> None:
+                 gradient_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, idle_limit: int = 1,
+                 stall_window: int = 0, stall_factor: float = 0.5) -> None:
         if steps < 1 or max_iter < 1 or history_size < 1 or slots < 1:
             raise ValueError("steps, max_iter, history_size and slots must be >= 1")
+        if stall_window < 0 or not 0.0 < stall_factor <= 1.0:
+            raise ValueError("stall_window must be >= 0 and stall_factor in (0, 1]")
+        self.stall_window, self.stall_factor = stall_window, stall_factor
         self.steps, self.lr, self.max_iter = steps, lr, max_iter
         self.max_eval = max_eval if max_eval is not None else max_iter * 5 // 4  # torch's default
         self.tolerance_grad, self.tolerance_change = tolerance_grad, tolerance_change
@@ -98,18 +103,17 @@ class BatchedLBFGS:
         s = _SlotState(k, D, self.m, dev, dt)
         for slot in range(k):
             s.load(slot, waiting.pop(), x0)
-        while s.k > 0:
+        while s.running() > 0:
             out.ticks += 1
-            loss, grad = objective(s.ids, s.x)  # every running slot needs this evaluation
-            s.evals += 1
+            loss, grad = self._evaluate(objective, s)  # every running slot needs this evaluation
             finite = torch.isfinite(loss) & torch.isfinite(grad).all(1)
-            s.loss, s.g_full = loss.detach(), grad.detach()
+            s.loss, s.g_full = loss, grad
             s.g = self._masked(s, s.g_full)
             s.x_good = torch.where(finite[:, None], s.x, s.x_good)
             s.loss_good = torch.where(finite, s.loss, s.loss_good)
             self._after_evaluation(s, finite, reinit, on_step)
             self._retire_finished(s, out, waiting, x0)
-            while s.k > 0:  # iterate every slot that has its evaluation (cached ones may need two passes)
+            while s.running() > 0:  # iterate every slot that has its evaluation (cached ones may need two passes)
                 self._start_steps(s, on_step)
                 ready = ~s.need_eval & ~s.finished & ~s.start
                 if not ready.any():
@@ -118,6 +122,18 @@ class BatchedLBFGS:
                 self._iterate(s, ready, on_step)
                 self._retire_finished(s, out, waiting, x0)
         return out
+
+    @staticmethod
+    def _evaluate(objective: Objective, s: "_SlotState") -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective at the running slots; retired slots keep their last values."""
+        if not s.retired.any():
+            s.evals += 1
+            loss, grad = objective(s.ids, s.x)
+            return loss.detach(), grad.detach()
+        idx = (~s.retired).nonzero().flatten()
+        s.evals[idx] += 1
+        loss, grad = objective(s.ids[idx], s.x[idx])
+        return s.loss.index_put((idx,), loss.detach()), s.g_full.index_put((idx,), grad.detach())
 
     def _masked(self, s: "_SlotState", grad: torch.Tensor) -> torch.Tensor:
         if self.gradient_mask is None:
@@ -129,8 +145,8 @@ class BatchedLBFGS:
         """Divergence, convergence, and torch's end-of-iteration checks after a move."""
         tol_c = self.tolerance_change
         s.need_eval[:] = False
-        if (~finite).any():
-            for slot in (~finite).nonzero().flatten().tolist():
+        if (~finite & ~s.finished).any():
+            for slot in (~finite & ~s.finished).nonzero().flatten().tolist():
                 if reinit is not None and int(s.restarts[slot]) < self.restarts:
                     s.restarts[slot] += 1
                     s.reset_rows(_one_hot_mask(s.k, slot, s.x.device))
@@ -149,11 +165,24 @@ class BatchedLBFGS:
             s.status.update({i: CONVERGED for i in conv.nonzero().flatten().tolist()})
             s.finished |= conv
             live &= ~conv
+        if self.stall_window > 0:
+            live &= ~self._stalled(s, live)
         post = live & ~s.start
         s.cur_evals += post.long()
         ends = post & ((s.cur_evals >= self.max_eval) | (s.g.abs().amax(1) <= self.tolerance_grad)
                        | ((s.d * s.t[:, None]).abs().amax(1) <= tol_c) | ((s.loss - s.prev_loss).abs() < tol_c))
         self._end_step(s, ends, cached=True, on_step=on_step)
+
+    def _stalled(self, s: "_SlotState", live: torch.Tensor) -> torch.Tensor:
+        """Instances whose best objective did not fall below ``stall_factor`` times its value at the
+        previous checkpoint, over the last ``stall_window`` evaluations: they finish as stalled."""
+        s.best = torch.where(live, torch.minimum(s.best, s.loss), s.best)
+        check = live & (s.evals % self.stall_window == 0)
+        stalled = check & (s.best > self.stall_factor * s.checkpoint)
+        s.checkpoint = torch.where(check, s.best, s.checkpoint)
+        s.status.update({i: STALLED for i in stalled.nonzero().flatten().tolist()})
+        s.finished |= stalled
+        return stalled
 
     def _start_steps(self, s: "_SlotState", on_step) -> None:
         """The start of torch's step for slots whose evaluation at the current point is known."""
@@ -226,8 +255,11 @@ class BatchedLBFGS:
 
     def _retire_finished(self, s: "_SlotState", out: BatchedLBFGSResult, waiting: list[int],
                          x0: torch.Tensor) -> None:
-        """Write out finished slots; refill them from the queue, or compact them away once it is empty."""
-        done = s.finished.nonzero().flatten().tolist()
+        """Write out finished slots and refill them from the queue. Once it is empty they retire: the
+        objective skips them, and the batch is compacted when an eighth of it has retired (compaction
+        copies every running slot's history, so doing it for each finished instance would cost more
+        than the retired rows' share of the L-BFGS products)."""
+        done = (s.finished & ~s.retired).nonzero().flatten().tolist()
         if not done:
             return
         for slot in done:
@@ -240,8 +272,11 @@ class BatchedLBFGS:
             out.status[inst] = s.status.get(slot, STEPS)
             if waiting:
                 s.load(slot, waiting.pop(), x0)
-        if s.finished.any():
-            s.keep(~s.finished)
+            else:
+                s.retired[slot] = True
+        n_retired = int(s.retired.sum())
+        if n_retired and (n_retired >= max(1, s.k // 8) or n_retired == s.k):
+            s.keep(~s.retired)
 
 
 def _one_hot_mask(k: int, slot: int, device) -> torch.Tensor:
@@ -255,7 +290,7 @@ class _SlotState:
 
     _ROWS = ("ids", "x", "g", "g_full", "idle", "loss", "d", "t", "prev_g", "prev_loss", "hist", "sy", "yy", "n_hist", "head",
              "h_diag", "n_iter", "inner", "cur_evals", "step_count", "evals", "restarts", "x_good",
-             "loss_good", "start", "need_eval", "finished")
+             "loss_good", "start", "need_eval", "finished", "retired", "best", "checkpoint")
 
     def __init__(self, k: int, D: int, m: int, dev, dt) -> None:
         z = lambda *shape, dtype=dt: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
@@ -264,13 +299,17 @@ class _SlotState:
         self.x, self.g, self.d, self.prev_g, self.x_good = z(k, D), z(k, D), z(k, D), z(k, D), z(k, D)
         self.g_full = z(k, D)
         self.loss, self.t, self.prev_loss, self.loss_good, self.h_diag = z(k), z(k), z(k), z(k), z(k)
+        self.best, self.checkpoint = z(k), z(k)  # for the stall rule: best value so far, at the last checkpoint
         self.hist = z(k, 2 * m, D)            # rows [0, m): s, rows [m, 2m): y, ring buffer per slot
         self.sy, self.yy = z(k, m, m), z(k, m, m)  # s_i.y_j and y_i.y_j by storage position
         for name in ("n_hist", "head", "n_iter", "inner", "cur_evals", "step_count", "evals", "restarts", "idle"):
             setattr(self, name, z(k, dtype=torch.long))
-        for name in ("start", "need_eval", "finished"):
+        for name in ("start", "need_eval", "finished", "retired"):
             setattr(self, name, z(k, dtype=torch.bool))
         self.status: dict[int, str] = {}
+
+    def running(self) -> int:
+        return self.k - int(self.retired.sum())
 
     def load(self, slot: int, inst: int, x0: torch.Tensor) -> None:
         self.ids[slot] = inst
@@ -278,10 +317,12 @@ class _SlotState:
         self.x_good[slot] = x0[inst]
         for name in ("inner", "cur_evals", "step_count", "evals", "restarts", "idle"):
             getattr(self, name)[slot] = 0
+        self.best[slot] = self.checkpoint[slot] = float("inf")
         self.reset_rows(_one_hot_mask(self.k, slot, self.x.device))
         self.start[slot] = True
         self.need_eval[slot] = True
         self.finished[slot] = False
+        self.retired[slot] = False
         self.status.pop(slot, None)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
@@ -346,10 +387,9 @@ class _SlotState:
         a = torch.gather(prods[:, :m, 2], 1, order).where(valid, 0.0)                  # S^T g
         b = torch.gather(prods[:, m:, 2], 1, order).where(valid, 0.0)                  # Y^T g
         pair = valid[:, :, None] & valid[:, None, :]
-        ix = order[:, :, None].expand(k, m, m)
-        jx = order[:, None, :].expand(k, m, m)
-        sy = self.sy.gather(1, ix).gather(2, jx).where(pair, 0.0)
-        yy = self.yy.gather(1, ix).gather(2, jx).where(pair, 0.0)
+        flat = (order[:, :, None] * m + order[:, None, :]).view(k, m * m)  # one gather per matrix
+        sy = self.sy.view(k, m * m).gather(1, flat).view(k, m, m).where(pair, 0.0)
+        yy = self.yy.view(k, m * m).gather(1, flat).view(k, m, m).where(pair, 0.0)
         diag = torch.diagonal(sy, dim1=1, dim2=2)
         r = torch.triu(sy) + torch.diag_embed((~valid).to(g.dtype))                      # R, padded with I
         u = torch.linalg.solve_triangular(r, a[:, :, None], upper=True)                 # R^-1 S^T g

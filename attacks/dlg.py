@@ -25,6 +25,9 @@ _COMMON = (
     Param("engine", str, "batched",
           "'batched': all targets of a cell in one vectorised program (same trajectories per target); "
           "'reference': one torch.optim.LBFGS run at a time", choices=("batched", "reference")),
+    Param("stall_window", int, 0,
+          "batched engine: give up on a target whose gradient distance did not halve over this many "
+          "evaluations (attacker-visible); 0 never gives up", low=0),
     Param("slots", int, 64, "batched engine: instances advanced together", low=1),
     Param("compile", bool, False, "batched engine: torch.compile the objective (pays off on long runs)"),
     Param("restarts", int, 0, "batched engine: fresh restarts of an instance that diverges, within its budget",
@@ -49,7 +52,7 @@ class _GradientMatchingAttack(Attack):
         settings = EngineSettings(steps=self.steps, lr=self.lr, max_iter=self.max_iter,
                                   history_size=self.history_size, stop_distance=self.stop_distance,
                                   slots=self.slots, compile=self.compile, restarts=self.restarts,
-                                  cyclic=self.cyclic)
+                                  cyclic=self.cyclic, stall_window=self.stall_window)
         return solve(tasks, settings, fixed_labels=self.fixed_labels, label_method=self.label_method,
                      monitors=monitors)
 

@@ -73,17 +73,21 @@ def test_reference_one_at_a_time(benchmark, cifar):
     measure(benchmark, "reference", attack, make_tasks(cifar, REFERENCE_TARGETS))
 
 
-# (K, stop_distance, compile): the exact engine at every K, then the attacker-visible stopping rule
-# (gradient distance < 1e-4, reached by every success of the reference setup at about half its
-# evaluations), then the same with torch.compile (its compile time is inside the measurement)
-ENGINE_RUNS = [(1, 0.0, False), (8, 0.0, False), (32, 0.0, False), (64, 0.0, False), (64, 1e-4, False),
-               (64, 1e-4, True)]
+# (K, stop_distance, stall_window, compile): the exact engine at every K, then the attacker-visible
+# rules: stop at gradient distance 1e-4 (reached by every success of the reference setup at about half
+# its evaluations), give up on a target whose distance did not halve in 500 evaluations (calibrated on
+# targets 500-563 of the test split, none of them measured here: it lost no success there and saved 30%
+# of the evaluations), and the same with torch.compile (its compile time is inside the measurement)
+ENGINE_RUNS = [(1, 0.0, 0, False), (8, 0.0, 0, False), (32, 0.0, 0, False), (64, 0.0, 0, False),
+               (64, 1e-4, 0, False), (64, 1e-4, 500, False), (64, 1e-4, 500, True)]
 
 
-@pytest.mark.parametrize("k,stop,compiled", ENGINE_RUNS)
-def test_engine(benchmark, cifar, k, stop, compiled):
-    attack = ATTACKS.build("dlg", {"steps": STEPS, "slots": k, "stop_distance": stop, "compile": compiled})
-    label = f"engine K={k}" + (f", stop {stop:g}" if stop else "") + (", compiled" if compiled else "")
+@pytest.mark.parametrize("k,stop,stall,compiled", ENGINE_RUNS)
+def test_engine(benchmark, cifar, k, stop, stall, compiled):
+    attack = ATTACKS.build("dlg", {"steps": STEPS, "slots": k, "stop_distance": stop, "stall_window": stall,
+                                   "compile": compiled})
+    label = (f"engine K={k}" + (f", stop {stop:g}" if stop else "") + (f", stall {stall}" if stall else "")
+             + (", compiled" if compiled else ""))
     measure(benchmark, label, attack, make_tasks(cifar, max(k, REFERENCE_TARGETS)))
 
 

@@ -1,6 +1,8 @@
 """The vectorised attack engine: a batched L-BFGS with per-instance state must follow, per instance,
 the trajectory of a separate ``torch.optim.LBFGS`` run (checked in float64, where rounding cannot hide
 a wrong formula), and the batched DLG family must reproduce the one-at-a-time attacks."""
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,6 +138,31 @@ def test_stop_loss_ends_an_instance_early_and_frees_its_work():
     assert (early.loss < target).all() and (early.evals < full.evals).all()
 
 
+def test_an_instance_that_stops_improving_stalls_and_leaves_the_others_unchanged():
+    """The stall rule: a best value that did not halve over ``stall_window`` evaluations ends the
+    instance (its value is a plateau at 50 here), while instances still improving run as before."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(M, D, D, generator=g, dtype=torch.float64)
+    a = a @ a.transpose(1, 2) / D + 0.1 * torch.eye(D, dtype=torch.float64)
+    c = torch.randn(M, D, generator=g, dtype=torch.float64)
+    plateau = torch.tensor([50.0] + [0.0] * (M - 1), dtype=torch.float64)
+
+    def objective(ids, rows):  # >= 0 like a gradient distance; instance 0 can never halve near its minimum
+        diff = rows - c[ids]
+        grad = torch.einsum("kij,kj->ki", a[ids], diff)
+        return 0.5 * (diff * grad).sum(1) + plateau[ids], grad
+
+    x0 = torch.randn(M, D, generator=g, dtype=torch.float64)
+    window = 10
+    free = BatchedLBFGS(steps=50).minimize(objective, x0)
+    ruled = BatchedLBFGS(steps=50, stall_window=window).minimize(objective, x0)
+    assert ruled.status[0] == "stalled" and int(ruled.evals[0]) == 2 * window < int(free.evals[0])
+    assert ruled.status[1:] == free.status[1:] and "stalled" not in free.status
+    torch.testing.assert_close(ruled.x[1:], free.x[1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stall_factor"):
+        BatchedLBFGS(steps=5, stall_window=10, stall_factor=0.0)
+
+
 def _tasks(dtype, batch_size, targets=3, size=8, one_model=False):
     data = load("digits", "test", image_size=size)
     tasks = []
@@ -175,6 +202,34 @@ def test_targets_of_one_model_share_unbatched_weights_and_match_the_reference():
     reference = ATTACKS.build("idlg", {"steps": 6, "engine": "reference"}).run(tasks)
     for b, r in zip(batched, reference):
         assert torch.allclose(b.images, r.images, atol=1e-7, rtol=0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_objective_pads_to_fixed_sizes_and_agrees_with_eager_mode():
+    """The compiled objective runs at power-of-two sizes (padding copies, results dropped) when the
+    batch fills 60% of one, eager mode below; both give eager mode's values."""
+    from leakbench.attacks import gradient_matching as gm
+
+    tasks = _tasks(torch.float32, 1, targets=12, one_model=True)
+    model = tasks[0].model.eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    targets = [torch.stack([t.shared[j] for t in tasks]) for j in range(len(params))]
+    build = lambda compile: gm.BatchedGradientMatching(  # noqa: E731
+        model, params, {}, targets, input_shape=tasks[0].input_shape, batch_size=1, num_classes=10,
+        compile=compile, shared_weights=True)
+    eager, compiled = build(False), build(True)
+    sizes = []
+    real = compiled._compiled
+    compiled._compiled = lambda *args: sizes.append(len(args[3])) or real(*args)
+    rows = torch.randn(12, eager.width, generator=torch.Generator().manual_seed(0))
+    for k in (12, 7):  # 12 of 16 (75%): compiled at 16; 7 of 16 (44%): eager
+        ids = torch.arange(k).flip(0)
+        (v0, g0), (v1, g1) = eager(ids, rows[:k]), compiled(ids, rows[:k])
+        assert v1.shape == (k,) and g1.shape == (k, eager.width)
+        torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)
+    assert sizes == [16]
 
 
 def test_engine_records_are_deterministic_and_monitored():
