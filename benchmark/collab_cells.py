@@ -35,11 +35,10 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
     Cached per dataset and seed: in memory, and on disk (the trained weights) so that parallel workers
     and resumed runs train each oracle once; the split itself is cheap and recomputed."""
     import inspect
-    import io
 
     from .grid import config_hash
     from .leak_scores import OracleNet
-    from .results import atomic_write_bytes, computed_once
+    from .results import atomic_write_torch, computed_once
     from .runner import derive_seed
 
     key = ("oracle", cell.dataset.name, str(sorted(cell.dataset.params.items())), cell.seed,
@@ -55,11 +54,6 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
         key_obj = {"dataset": {"name": cell.dataset.name, "params": cell.dataset.params}, "seed": cell.seed,
                    "fraction": ORACLE_FRACTION, "training": training, "data_dir": bool(runner.options.data_dir)}
 
-        def write(path, oracle: Oracle) -> None:
-            buffer = io.BytesIO()
-            torch.save(oracle.model.state_dict(), buffer)
-            atomic_write_bytes(path, buffer.getvalue())
-
         def read(path) -> Oracle:
             with torch.random.fork_rng(devices=[]):  # building the net draws from the global generator
                 model = OracleNet(channels=oracle_data.shape[0], image_size=oracle_data.shape[1],
@@ -69,7 +63,7 @@ def participants_pool_and_oracle(runner: "Runner", cell: "Cell") -> tuple[Any, O
 
         oracle = computed_once(runner.cache_dir / "oracle" / f"{config_hash(key_obj)}.pt",
                                lambda: train_oracle(oracle_data, seed=seed, **cell.grid.oracle),
-                               read=read, write=write)
+                               read=read, write=lambda p, oracle: atomic_write_torch(p, oracle.model.state_dict()))
         runner.shared[key] = (pool, oracle)
     return runner.shared[key]
 

@@ -5,7 +5,6 @@ are scored like the GAN cells' samples (oracle, nearest neighbours, the same ver
 holds both."""
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def trained_model_entry(runner: "Runner", cell: "Cell", accuracy_path: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     """(accuracy result, trained model), the weights cached at ``accuracy_path`` with suffix ``.pt``.
     Training also writes the accuracy entry when it is missing, so the setting's other cells reuse it."""
-    from .results import atomic_write_bytes, atomic_write_text, computed_once
+    from .results import atomic_write_text, atomic_write_torch, computed_once
 
     def compute() -> dict[str, Any]:
         model = runner.accuracy_model(cell)
@@ -33,13 +32,8 @@ def trained_model_entry(runner: "Runner", cell: "Cell", accuracy_path: Path) -> 
             atomic_write_text(accuracy_path, json.dumps(result, sort_keys=True))
         return {"accuracy": result, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
-    def write(path: Path, entry: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(entry, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-
     entry = computed_once(accuracy_path.with_suffix(".pt"), compute,
-                          read=lambda p: torch.load(p, weights_only=True), write=write)
+                          read=lambda p: torch.load(p, weights_only=True), write=atomic_write_torch)
     model = runner.accuracy_model(cell)
     model.load_state_dict(entry["state"])
     return entry["accuracy"], model

@@ -97,6 +97,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` of tensors (or dicts of them), written atomically like the others."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path], T],
                   write: Callable[[Path, T], None]) -> T:
     """The value cached at ``path``, computed at most once however many processes ask at the same

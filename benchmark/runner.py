@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import ImageData
+from .data import ImageData, resolve_data_dir
 from .grid import Cell, ComponentSpec, Grid, config_hash
 from .metrics import match_reconstructions, score_reconstruction
 from .models import output_width
 from .registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from .results import ResultsStore, atomic_write_bytes, atomic_write_text, computed_once
+from .results import ResultsStore, atomic_write_bytes, atomic_write_text, atomic_write_torch, computed_once
 from .threat import AttackTask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,8 +95,39 @@ class Runner:
     def dataset(self, spec: ComponentSpec, split: str) -> ImageData:
         key = json.dumps([spec.name, spec.params, split], sort_keys=True)
         if key not in self._data:
-            self._data[key] = DATASETS.build(spec.name, spec.params).load(split, data_dir=self.options.data_dir)
+            self._data[key] = self._decoded(spec, split)
         return self._data[key]
+
+    def _decoded(self, spec: ComponentSpec, split: str) -> ImageData:
+        """A split read from the data dir's parquet mirror: decoding its PNGs takes seconds and every
+        worker (and every resumed run) needs it, so the decoded tensors are cached on disk, keyed by the
+        dataset setting and the mirror files' size and modification time (a changed file is decoded
+        again). Embedded data is cheap, and hub downloads are cached by HF ``datasets`` itself."""
+        dataset = DATASETS.build(spec.name, spec.params)
+        data_dir = resolve_data_dir(self.options.data_dir)
+        mirror = data_dir / dataset.registry_name if data_dir is not None else None
+        if mirror is None or not mirror.is_dir():
+            return dataset.load(split, data_dir=self.options.data_dir)  # its errors name what is missing
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in mirror.glob("*.parquet"))
+        key_obj = {"dataset": spec.as_dict(), "split": split, "mirror": str(mirror.resolve()), "files": files}
+
+        def compute() -> dict[str, Any]:
+            data = dataset.load(split, data_dir=self.options.data_dir)
+            images = data.images
+            as_bytes = ((data.to_unit(images) * 255).round()).to(torch.uint8)
+            restored = as_bytes.float() / 255.0
+            if torch.equal(restored * 2 - 1 if data.scale == "[-1,1]" else restored, images):
+                images = as_bytes  # 4x smaller, and exact
+            return {"name": data.name, "images": images, "labels": data.labels,
+                    "num_classes": data.num_classes, "scale": data.scale}
+
+        entry = computed_once(self.cache_dir / "data" / f"{config_hash(key_obj)}.pt", compute,
+                              read=lambda p: torch.load(p, weights_only=True), write=atomic_write_torch)
+        images = entry["images"]
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+            images = images * 2 - 1 if entry["scale"] == "[-1,1]" else images
+        return ImageData(entry["name"], images, entry["labels"], entry["num_classes"], entry["scale"])
 
     def make_model(self, cell: Cell, data: ImageData, seed: int, **overrides) -> torch.nn.Module:
         spec = MODELS.build(cell.model.name, {**cell.model.params, **overrides})
@@ -177,7 +208,7 @@ class Runner:
             x, y = data.images[idx].to(device), data.labels[idx].to(device)
             model = self.make_model(cell, data, derive_seed("model", cell.seed, t))
             if grid.threat["model_state"] == "trained" and grid.threat["train_steps"] > 0:
-                self._pretrain(model, defense, cell, grid.threat["train_steps"], derive_seed("pretrain", cell.seed, t))
+                self._pretrain(model, defense, cell, grid.threat["train_steps"], t)
             g = torch.Generator().manual_seed(derive_seed("defense", cell.seed, t, cell.defense.as_dict()))
             classes = output_width(model, data.shape)  # the attacker knows the model, so its output width
             shared = defense.share(model, x, F.one_hot(y, classes).float(), generator=g)
@@ -247,15 +278,27 @@ class Runner:
         }
         return record
 
-    def _pretrain(self, model, defense, cell: Cell, steps: int, seed: int) -> None:
+    def _pretrain(self, model, defense, cell: Cell, steps: int, target: int) -> None:
         """Threat model 'trained': the shared weights are those after ``steps`` training steps under the
-        defense (the attack can happen at any time during training)."""
+        defense (the attack can happen at any time during training). They do not depend on the attack,
+        so they are cached on disk per (dataset, model, defense, seed, target, steps, training config):
+        every attack on the setting, in any worker, reuses one training run."""
         from .training import train_with_defense
 
-        train = self.dataset(cell.dataset, "train")
-        cfg = cell.grid.accuracy
-        train_with_defense(model, defense, train, train.subset(torch.arange(min(64, len(train)))), cfg,
-                           seed=seed, max_steps=steps)
+        key_obj = {"dataset": cell.dataset.as_dict(), "model": cell.model.as_dict(),
+                   "defense": cell.defense.as_dict(), "seed": cell.seed, "target": target, "steps": steps,
+                   "accuracy": cell.grid.accuracy.as_dict(), "data_dir": bool(self.options.data_dir)}
+
+        def compute() -> dict[str, torch.Tensor]:
+            train = self.dataset(cell.dataset, "train")
+            train_with_defense(model, defense, train, train.subset(torch.arange(min(64, len(train)))),
+                               cell.grid.accuracy, seed=derive_seed("pretrain", cell.seed, target),
+                               max_steps=steps)
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+        state = computed_once(self.cache_dir / "pretrained" / f"{config_hash(key_obj)}.pt", compute,
+                              read=lambda p: torch.load(p, weights_only=True), write=atomic_write_torch)
+        model.load_state_dict(state)
 
     @staticmethod
     def _convergence_monitor(data: ImageData, x: torch.Tensor, sink: list, t: int) -> Callable:

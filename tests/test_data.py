@@ -47,6 +47,40 @@ def test_local_parquet_mirror_in_the_hf_layout(tmp_path):
     assert small.shape == (1, 14, 14)
 
 
+def test_decoded_mirror_splits_are_cached_on_disk_and_redecoded_when_the_file_changes(tmp_path, monkeypatch):
+    """Every worker needs the decoded split: the runner decodes a mirror file once, later runners read
+    the cache (same tensors), and a changed file is decoded again."""
+    from leakbench import data as data_module
+    from leakbench.grid import parse_grid
+    from leakbench.runner import RunOptions, Runner
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    _write_mirror(tmp_path / "mirror", "mnist", "test", images, [0, 1, 2, 3, 4])
+    grid = parse_grid({"datasets": [{"name": "mnist", "params": {"image_size": None, "scale": "[-1,1]"}}],
+                       "models": ["lenet-zhu"], "attacks": ["dlg"], "defenses": ["none"]})
+    spec = grid.cells()[0].dataset
+
+    def runner():
+        return Runner(grid, RunOptions(out_dir=tmp_path / "out", data_dir=tmp_path / "mirror", progress=False))
+
+    decoded = runner().dataset(spec, "test")
+    assert len(list((tmp_path / "out" / "cache" / "data").glob("*.pt"))) == 1
+    real_reader = data_module.read_parquet_split
+
+    def no_decoding(path):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data_module, "read_parquet_split", no_decoding)
+    cached = runner().dataset(spec, "test")
+    assert torch.equal(cached.images, decoded.images) and torch.equal(cached.labels, decoded.labels)
+    assert cached.scale == "[-1,1]" and cached.num_classes == 10 and cached.images.dtype == torch.float32
+    monkeypatch.setattr(data_module, "read_parquet_split", real_reader)
+    _write_mirror(tmp_path / "mirror", "mnist", "test", 255 - images, [0, 1, 2, 3, 4])
+    changed = runner().dataset(spec, "test")
+    assert torch.allclose(changed.images, -decoded.images, atol=1e-6)
+
+
 def test_missing_mirror_entries_are_clean_errors(tmp_path):
     with pytest.raises(ConfigError, match="no folder .*cifar10 in the data dir"):
         load("cifar10", "test", data_dir=tmp_path)

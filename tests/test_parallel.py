@@ -164,6 +164,30 @@ def test_oracles_are_cached_on_disk(tmp_path, monkeypatch):
     assert loaded.train_samples == trained.train_samples
 
 
+def test_pretrained_weights_are_trained_once_per_setting(tmp_path, monkeypatch):
+    """Threat model 'trained': the weights after train_steps do not depend on the attack, so two attacks
+    on a setting share one training run per target, and a fresh runner (another worker, a resumed
+    run) reads them instead of training again, with the same records."""
+    from leakbench import training
+
+    grid = {**TINY, "name": "tiny-trained", "defenses": ["none"], "targets": 2,
+            "threat": {"model_state": "trained", "train_steps": 3}}
+    cache = tmp_path / "cache"
+    Runner(parse_grid(grid), RunOptions(out_dir=tmp_path / "first", cache_dir=cache, progress=False)).run()
+    assert len(list((cache / "pretrained").glob("*.pt"))) == 2  # 2 targets, not 2 targets x 2 attacks
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(training, "train_with_defense", no_training)
+    Runner(parse_grid(grid), RunOptions(out_dir=tmp_path / "again", cache_dir=cache, progress=False)).run()
+    assert _records(tmp_path / "again") == _records(tmp_path / "first")
+    untrained = {**grid, "threat": {"model_state": "random-init"}}
+    Runner(parse_grid(untrained), RunOptions(out_dir=tmp_path / "init", cache_dir=cache, progress=False)).run()
+    first, init = _records(tmp_path / "first"), _records(tmp_path / "init")
+    assert {r["metrics"]["mse_median"] for r in first.values()} != {r["metrics"]["mse_median"] for r in init.values()}
+
+
 @pytest.mark.parametrize("args, named", [
     (["--workers", "0"], "--workers 0"),
     (["--executor", "foo"], "local, ray"),
