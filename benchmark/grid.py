@@ -42,7 +42,9 @@ def _builtin_path(name: str):
 def resolve_grid_path(spec: str | Path) -> Path | Any:
     """A path to a YAML file, or the name of a grid shipped with leakbench (``quick``, ``full``)."""
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # a folder that happens to share a shipped grid's name (say, a previous run's --out quick) is not
+    # a grid file: the name still means the shipped grid
+    if path.suffix in (".yaml", ".yml") or (path.exists() and not path.is_dir()):
         if not path.is_file():
             raise ConfigError(f"grid file {str(spec)!r} does not exist")
         return path

@@ -89,6 +89,15 @@ def test_bad_grids_give_one_clean_line(tmp_path, capsys, patch, message):
     assert not out_dir.exists(), "bad input must write nothing"
 
 
+def test_a_folder_named_like_a_shipped_grid_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    """`leakbench run --out quick` leaves a folder named quick; the next `leakbench run` from there
+    must still find the shipped quick grid."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").mkdir()
+    assert main(["validate", "quick"]) == 0
+    assert "quick" in capsys.readouterr().out
+
+
 def test_malformed_yaml_and_missing_files(tmp_path, capsys):
     assert main(["validate", str(write(tmp_path, "attacks: [dlg\n"))]) == 2
     assert "not valid YAML" in capsys.readouterr().err
