@@ -160,6 +160,22 @@ def _as_finished(futures: set) -> Iterator[dict]:
 
 # -- Ray --------------------------------------------------------------------------------------------
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line error within seconds when ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts no connection.
+    ``auto`` and addresses without a port are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address!r}: nothing accepts connections there ({exc.strerror or exc}); "
+                          f"allowed: the address of a running Ray cluster, e.g. HOST:6379, or none for a local "
+                          f"one") from None
+
+
 class RayExecutor(CellExecutor):
     """Cells as Ray tasks, at most ``workers`` in flight, each reserving ``threads`` CPUs so that Ray's
     scheduler, not the cells, decides what fits on a node. Without ``address`` a local Ray instance is
@@ -181,6 +197,8 @@ class RayExecutor(CellExecutor):
         kwargs = (dict(address=self.address) if self.address else
                   dict(num_cpus=self.workers * self.threads, include_dashboard=False,
                        object_store_memory=_LOCAL_OBJECT_STORE_BYTES))
+        if self.address:
+            _check_reachable(self.address)  # ray.init retries an unreachable address for minutes
         try:
             ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
         except ConnectionError as exc:

@@ -202,6 +202,22 @@ def test_bad_parallel_options_are_one_line_errors(tmp_path, tiny_grid_file, caps
     assert not out.exists(), "nothing written"
 
 
+def test_an_unreachable_ray_address_is_a_one_line_error_before_ray_retries(tmp_path, tiny_grid_file, capsys):
+    """ray.init retries an address nobody listens on for minutes; leakbench checks it first."""
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(tiny_grid_file), "--out", str(out), "--no-progress", "--executor", "ray",
+                 "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "nothing accepts connections" in err
+    assert not out.exists(), "nothing written"
+
+
 def test_ray_missing_says_what_to_install(tmp_path, tiny_grid_file, capsys, monkeypatch):
     import importlib.util
 
