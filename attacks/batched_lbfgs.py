@@ -150,6 +150,7 @@ class BatchedLBFGS:
                 if reinit is not None and int(s.restarts[slot]) < self.restarts:
                     s.restarts[slot] += 1
                     s.reset_rows(_one_hot_mask(s.k, slot, s.x.device))
+                    s.best[slot] = s.checkpoint[slot] = float("inf")  # a fresh start is judged afresh
                     s.x[slot] = reinit(int(s.ids[slot]), int(s.restarts[slot])).to(s.x)
                     s.x_good[slot] = s.x[slot]
                     s.start[slot] = True

@@ -163,6 +163,32 @@ def test_an_instance_that_stops_improving_stalls_and_leaves_the_others_unchanged
         BatchedLBFGS(steps=5, stall_window=10, stall_factor=0.0)
 
 
+def test_a_restarted_instance_is_judged_afresh_by_the_stall_rule():
+    """A restart starts far above the best value its diverged run reached; judged against that old
+    best it would stall at once, judged afresh it converges."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(M, D, D, generator=g, dtype=torch.float64)
+    a = a @ a.transpose(1, 2) / D + 0.1 * torch.eye(D, dtype=torch.float64)
+    c = torch.randn(M, D, generator=g, dtype=torch.float64)
+    calls = []
+
+    def objective(ids, rows):  # instance 0 diverges on the 12th evaluation of the batch
+        diff = rows - c[ids]
+        grad = torch.einsum("kij,kj->ki", a[ids], diff)
+        values = 0.5 * (diff * grad).sum(1)
+        calls.append(1)
+        if len(calls) == 12:
+            values = values.masked_fill(ids == 0, float("nan"))
+        return values, grad
+
+    x0 = torch.randn(M, D, generator=g, dtype=torch.float64)
+    far = c[0] + 30.0
+    result = BatchedLBFGS(steps=60, restarts=1, stall_window=10).minimize(
+        objective, x0, reinit=lambda inst, restart: far.clone())
+    assert result.restarts[0] == 1
+    assert result.status[0] != "stalled" and float(result.loss[0]) < 1e-6
+
+
 def _tasks(dtype, batch_size, targets=3, size=8, one_model=False):
     data = load("digits", "test", image_size=size)
     tasks = []
