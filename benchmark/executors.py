@@ -160,6 +160,9 @@ def _as_finished(futures: set) -> Iterator[dict]:
 
 # -- Ray --------------------------------------------------------------------------------------------
 
+_RAY_ADDRESS_ALLOWED = "allowed: the address of a running Ray cluster, e.g. HOST:6379, or none for a local one"
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """A one-line error within seconds when ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts no connection.
     ``auto`` and addresses without a port are left to Ray."""
@@ -171,9 +174,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise ConfigError(f"--ray-address {address!r}: nothing accepts connections there ({exc.strerror or exc}); "
-                          f"allowed: the address of a running Ray cluster, e.g. HOST:6379, or none for a local "
-                          f"one") from None
+        raise ConfigError(f"--ray-address {address!r}: nothing accepts connections there "
+                          f"({exc.strerror or exc}); {_RAY_ADDRESS_ALLOWED}") from None
 
 
 class RayExecutor(CellExecutor):
@@ -203,8 +205,8 @@ class RayExecutor(CellExecutor):
             ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
         except ConnectionError as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"--ray-address {self.address!r}: cannot connect ({message}); allowed: the "
-                              f"address of a running Ray cluster, e.g. HOST:6379, or none for a local one") from None
+            raise ConfigError(f"--ray-address {self.address!r}: cannot connect ({message}); "
+                              f"{_RAY_ADDRESS_ALLOWED}") from None
         return self
 
     def __exit__(self, *exc) -> None:
