@@ -111,12 +111,15 @@ class Runner:
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in mirror.glob("*.parquet"))
         key_obj = {"dataset": spec.as_dict(), "split": split, "mirror": str(mirror.resolve()), "files": files}
 
+        def from_bytes(pixels: torch.Tensor, scale: str) -> torch.Tensor:  # the loader's own arithmetic
+            unit = pixels.float() / 255.0
+            return unit * 2 - 1 if scale == "[-1,1]" else unit
+
         def compute() -> dict[str, Any]:
             data = dataset.load(split, data_dir=self.options.data_dir)
             images = data.images
-            as_bytes = ((data.to_unit(images) * 255).round()).to(torch.uint8)
-            restored = as_bytes.float() / 255.0
-            if torch.equal(restored * 2 - 1 if data.scale == "[-1,1]" else restored, images):
+            as_bytes = (data.to_unit(images) * 255).round().to(torch.uint8)
+            if torch.equal(from_bytes(as_bytes, data.scale), images):
                 images = as_bytes  # 4x smaller, and exact
             return {"name": data.name, "images": images, "labels": data.labels,
                     "num_classes": data.num_classes, "scale": data.scale}
@@ -125,8 +128,7 @@ class Runner:
                               read=lambda p: torch.load(p, weights_only=True), write=atomic_write_torch)
         images = entry["images"]
         if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-            images = images * 2 - 1 if entry["scale"] == "[-1,1]" else images
+            images = from_bytes(images, entry["scale"])
         return ImageData(entry["name"], images, entry["labels"], entry["num_classes"], entry["scale"])
 
     def make_model(self, cell: Cell, data: ImageData, seed: int, **overrides) -> torch.nn.Module:
