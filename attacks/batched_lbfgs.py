@@ -76,7 +76,7 @@ class BatchedLBFGS:
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
                  slots: int = 64, stop_loss: float = 0.0, restarts: int = 0, fresh_each_step: bool = False,
                  gradient_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, idle_limit: int = 1,
-                 stall_window: int = 0, stall_factor: float = 0.5) -> None:
+                 stall_window: int = 0, stall_factor: float = 0.5, native: bool = False) -> None:
         if steps < 1 or max_iter < 1 or history_size < 1 or slots < 1:
             raise ValueError("steps, max_iter, history_size and slots must be >= 1")
         if stall_window < 0 or not 0.0 < stall_factor <= 1.0:
@@ -89,6 +89,7 @@ class BatchedLBFGS:
         self.m = min(history_size, max_iter) if fresh_each_step else history_size
         self.slots, self.stop_loss, self.restarts = slots, stop_loss, restarts
         self.fresh_each_step, self.gradient_mask, self.idle_limit = fresh_each_step, gradient_mask, idle_limit
+        self.native = native  # the C++ direction kernel on CPU tensors (see native.py); same directions
 
     # ------------------------------------------------------------------------------------------
     def minimize(self, objective: Objective, x0: torch.Tensor, *, reinit: Reinit | None = None,
@@ -101,6 +102,9 @@ class BatchedLBFGS:
         waiting = list(range(M))[::-1]
         k = min(self.slots, M)
         s = _SlotState(k, D, self.m, dev, dt)
+        if self.native and dev.type == "cpu":
+            from .native import lbfgs_kernel
+            s.kernel = lbfgs_kernel()
         for slot in range(k):
             s.load(slot, waiting.pop(), x0)
         while s.running() > 0:
@@ -308,6 +312,7 @@ class _SlotState:
         for name in ("start", "need_eval", "finished", "retired"):
             setattr(self, name, z(k, dtype=torch.bool))
         self.status: dict[int, str] = {}
+        self.kernel = None  # the native direction kernel, when asked for and built
 
     def running(self) -> int:
         return self.k - int(self.retired.sum())
@@ -367,8 +372,14 @@ class _SlotState:
             self.hist[rows, pos] = s[rows]
             self.hist[rows, m + pos] = y[rows]
         gamma = self.h_diag
-        hg = gamma[:, None] * g
         use = rows_mask & (self.n_hist > 0)
+        if self.kernel is not None:  # the same products, instance by instance, one history read each
+            pos_all = torch.zeros(k, dtype=torch.long, device=dev)
+            if len(rows):
+                pos_all[rows] = pos
+            return self.kernel.lbfgs_direction(self.hist, self.sy, self.yy, self.head, self.n_hist, accept, pos_all,
+                                               use, s, y, g, gamma)
+        hg = gamma[:, None] * g
         if not bool(use.any()):
             return hg
         # (3, D) x (D, 2m) per slot: far faster on CPU than (2m, D) x (D, 3), whose thin output BLAS

@@ -28,6 +28,7 @@ class EngineSettings:
     stop_distance: float = 0.0
     slots: int = 64
     compile: bool = False
+    native: bool = False     # the C++ L-BFGS direction kernel on CPU (built on first use)
     restarts: int = 0
     stall_window: int = 0    # give up on a target whose distance did not halve in this many evaluations
     cyclic: bool = False     # dlg-batched: step i moves only sample i mod N, from a fresh L-BFGS state
@@ -133,7 +134,8 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
     optimiser = BatchedLBFGS(steps=st.steps, lr=st.lr, max_iter=st.max_iter, history_size=st.history_size,
                              slots=st.slots, stop_loss=st.stop_distance, restarts=st.restarts,
                              fresh_each_step=mask_fn is not None, gradient_mask=mask_fn,
-                             idle_limit=n if mask_fn is not None else 1, stall_window=st.stall_window)
+                             idle_limit=n if mask_fn is not None else 1, stall_window=st.stall_window,
+                             native=st.native)
     try:
         result = optimiser.minimize(objective, x0, reinit=reinit if st.restarts else None,
                                     on_step=on_step if any(m is not None for m in monitors) else None)

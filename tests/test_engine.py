@@ -51,18 +51,90 @@ def _torch_lbfgs(f, i, x0, *, steps, **kw):
     return x.detach()
 
 
+def _native_kernel():
+    from leakbench.attacks.native import lbfgs_kernel
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("the native kernel needs a C++ compiler")
+    kernel = lbfgs_kernel()
+    assert kernel is not None, "a compiler is present, so the kernel must build"
+    return kernel
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("history_size,max_iter,lr,slots", [(5, 20, 1.0, 6), (100, 20, 1.0, 2), (3, 5, 0.5, 4)])
-def test_batched_lbfgs_matches_torch_lbfgs_per_instance_in_float64(history_size, max_iter, lr, slots):
+def test_batched_lbfgs_matches_torch_lbfgs_per_instance_in_float64(history_size, max_iter, lr, slots, native):
     """Every instance ends where its own torch.optim.LBFGS ends, whatever the batch (fewer slots than
-    instances exercises refilling and compaction; history 3 and 5 exercise the ring buffer)."""
+    instances exercises refilling and compaction; history 3 and 5 exercise the ring buffer), with the
+    directions computed by torch or by the native kernel."""
+    if native:
+        _native_kernel()
     f, objective, x0 = _problem()
     steps = 12
     result = BatchedLBFGS(steps=steps, lr=lr, max_iter=max_iter, history_size=history_size,
-                          slots=slots).minimize(objective, x0)
+                          slots=slots, native=native).minimize(objective, x0)
     for i in range(M):
         expected = _torch_lbfgs(f, i, x0[i], steps=steps, lr=lr, max_iter=max_iter, history_size=history_size)
         assert torch.allclose(result.x[i], expected, atol=1e-8, rtol=0), f"instance {i} left torch's trajectory"
     assert (result.evals > 0).all()
+
+
+def test_native_kernel_computes_the_torch_directions_and_gram_updates():
+    """One call of the kernel against the torch path on the same state: partly filled and wrapped ring
+    buffers, slots that append a pair or not, slots whose direction is not needed."""
+    from leakbench.attacks.batched_lbfgs import _SlotState
+
+    kernel = _native_kernel()
+    k, width, m = 9, 40, 6
+    g = torch.Generator().manual_seed(3)
+    states = []
+    for _ in range(2):
+        st = _SlotState(k, width, m, "cpu", torch.float64)
+        states.append(st)
+    ref, nat = states
+    ref.n_hist.copy_(torch.tensor([0, 1, 3, 6, 6, 6, 2, 6, 5]))
+    ref.head.copy_(torch.tensor([0, 0, 0, 0, 2, 5, 0, 3, 0]))
+    ref.hist.copy_(torch.randn(k, 2 * m, width, generator=g, dtype=torch.float64))
+    for i in range(k):  # unfilled rows are zero, as a fresh state leaves them
+        n = int(ref.n_hist[i])
+        if n < m:
+            ref.hist[i, n:m] = 0
+            ref.hist[i, m + n:] = 0
+    s_rows, y_rows = ref.hist[:, :m], ref.hist[:, m:]
+    ref.sy.copy_(s_rows @ y_rows.transpose(1, 2) + 5 * torch.eye(m, dtype=torch.float64))  # R well conditioned
+    ref.yy.copy_(y_rows @ y_rows.transpose(1, 2))
+    ref.h_diag.copy_(torch.rand(k, generator=g, dtype=torch.float64) + 0.5)
+    for name in ("n_hist", "head", "hist", "sy", "yy", "h_diag"):
+        getattr(nat, name).copy_(getattr(ref, name))
+    nat.kernel = kernel
+    step, change, grad = (torch.randn(k, width, generator=g, dtype=torch.float64) for _ in range(3))
+    accept = torch.tensor([True, False, True, True, False, True, False, True, True])
+    rows_mask = accept | torch.tensor([False, True, False, False, True, False, False, False, False])
+    expected = ref.update_and_multiply(accept, step, change, grad, rows_mask)
+    got = nat.update_and_multiply(accept, step, change, grad, rows_mask)
+    use = rows_mask & (ref.n_hist > 0)
+    torch.testing.assert_close(got[use], expected[use], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[~use], (ref.h_diag[:, None] * grad)[~use], rtol=0, atol=0)
+    for name in ("hist", "sy", "yy", "n_hist", "head"):
+        torch.testing.assert_close(getattr(nat, name), getattr(ref, name), rtol=1e-10, atol=1e-12)
+
+
+def test_an_unbuildable_native_kernel_warns_once_and_the_torch_path_runs(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from leakbench.attacks import native
+
+    def fail(**kw):
+        raise RuntimeError("Error building extension: no compiler")
+
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    f, objective, x0 = _problem()
+    with pytest.warns(RuntimeWarning, match="native L-BFGS kernel unavailable .*no compiler"):
+        fallback = BatchedLBFGS(steps=3, native=True).minimize(objective, x0)
+    assert native.lbfgs_kernel() is None  # the failure is remembered: no second build, no second warning
+    plain = BatchedLBFGS(steps=3).minimize(objective, x0)
+    assert torch.equal(fallback.x, plain.x)
 
 
 def test_batched_lbfgs_first_steps_match_on_a_chaotic_problem():

@@ -41,7 +41,7 @@ def test_built_wheel_is_complete_and_runs_from_a_clean_location(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("leakbench/__init__.py", "leakbench/cli.py", "leakbench/attacks/dlg.py",
                      "leakbench/defenses/noise.py", "leakbench/configs/quick.yaml", "leakbench/configs/full.yaml",
-                     "leakbench/configs/_defaults.yaml"):
+                     "leakbench/configs/_defaults.yaml", "leakbench/attacks/lbfgs_direction.cpp"):
         assert expected in names, expected
     assert not any(n.startswith(("attacks/", "defenses/", "benchmark/", "tests/")) for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
