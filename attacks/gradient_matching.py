@@ -1,10 +1,12 @@
 """The gradient-matching objective shared by the DLG family, and the L-BFGS loop that minimises it."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..threat import Monitor, soft_cross_entropy
@@ -84,11 +86,55 @@ def run_steps(runs: list[LBFGSRun], steps: int, schedule: Callable[[int], int],
     return taken
 
 
-# compiled sizes start at 16 instances, and a batch is padded up only when it fills at least 60% of
-# the size: below that, eager mode on the real batch is cheaper (compiled: about 0.6x the eager cost
-# per instance on the speed benchmark's CPU)
+# compiled sizes: powers of two from 16 instances. Every batch is padded up to one: a compiled tick's
+# cost is mostly fixed at these sizes (LeNet on the speed benchmark's CPU: 6.4 ms at 16, 10.3 ms at 32,
+# 18.9 ms at 64), so even a batch of one padded to 16 beats eager mode (7.7 ms), and 17 padded to 32
+# beats it too (14 ms); sizes in between (24, 48) saved nothing and cost a compile each
 COMPILED_MIN_SIZE = 16
-COMPILED_MIN_FILL = 0.6
+
+
+class _UnfoldConv2d(nn.Conv2d):
+    """A ``Conv2d`` computed as unfold + matmul: the same function, but under ``vmap`` its per-instance
+    weight gradient (and that gradient's own derivatives, which the objective needs) become batched
+    matmuls instead of convolutions grouped by instance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (n, c*kh*kw, L)
+        out = self.weight.view(self.out_channels, -1) @ cols
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(n, self.out_channels, out_h, out_w)
+
+
+# oneDNN runs a convolution grouped by instance slowly when each group has few input channels (the
+# first layer of an image model); compiled, unfolding LeNet's first layer took the objective from 0.30
+# to 0.26 ms per instance at 64 instances (0.32 -> 0.27 at 32, equal at 16), unfolding its deeper
+# layers (12 channels) made it slower
+UNFOLD_MAX_IN_CHANNELS = 3
+
+
+def _unfold_thin_convolutions(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose plain convolutions with at most UNFOLD_MAX_IN_CHANNELS input
+    channels are ``_UnfoldConv2d`` (same parameter names, so ``functional_call`` is unchanged)."""
+    def thin(m: nn.Module) -> bool:
+        return (type(m) is nn.Conv2d and m.in_channels <= UNFOLD_MAX_IN_CHANNELS and m.groups == 1
+                and m.dilation == (1, 1) and m.padding_mode == "zeros" and isinstance(m.padding, tuple))
+
+    if not any(thin(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if thin(module):
+            parent_name, _, child = name.rpartition(".")
+            swapped = _UnfoldConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                                    padding=module.padding, bias=module.bias is not None,
+                                    device=module.weight.device, dtype=module.weight.dtype)
+            swapped.load_state_dict(module.state_dict())
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, swapped)
+    return model
 
 
 class BatchedGradientMatching:
@@ -109,6 +155,8 @@ class BatchedGradientMatching:
                  shared_weights: bool = False) -> None:
         from torch.func import functional_call, grad, grad_and_value, vmap
 
+        if compile and next(iter(params.values())).device.type == "cpu":
+            model = _unfold_thin_convolutions(model)  # measured on CPU and compiled only: eager got slower
         self.params, self.buffers, self.targets, self.onehot = params, buffers, targets, onehot
         self.n_x = batch_size * math.prod(input_shape)
         self.x_shape = (batch_size, *input_shape)
@@ -146,11 +194,10 @@ class BatchedGradientMatching:
         fn = self._fn
         if self._compiled is not None:
             size = max(COMPILED_MIN_SIZE, 1 << (k - 1).bit_length())
-            if k >= COMPILED_MIN_FILL * size:
-                fn = self._compiled
-                if size > k:  # pad with copies of the first instance; their results are dropped
-                    ids = torch.cat([ids, ids[:1].expand(size - k)])
-                    rows = torch.cat([rows, rows[:1].expand(size - k, -1)])
+            fn = self._compiled
+            if size > k:  # pad with copies of the first instance; their results are dropped
+                ids = torch.cat([ids, ids[:1].expand(size - k)])
+                rows = torch.cat([rows, rows[:1].expand(size - k, -1)])
         pick = lambda t: t.index_select(0, ids)  # noqa: E731
         params, buffers = self.params, self.buffers
         if not self.shared_weights:

@@ -305,8 +305,8 @@ def test_targets_of_one_model_share_unbatched_weights_and_match_the_reference():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_objective_pads_to_fixed_sizes_and_agrees_with_eager_mode():
-    """The compiled objective runs at power-of-two sizes (padding copies, results dropped) when the
-    batch fills 60% of one, eager mode below; both give eager mode's values."""
+    """The compiled objective runs at power-of-two sizes from 16 (padding copies, results dropped)
+    and gives eager mode's values."""
     from leakbench.attacks import gradient_matching as gm
 
     tasks = _tasks(torch.float32, 1, targets=12, one_model=True)
@@ -321,13 +321,35 @@ def test_compiled_objective_pads_to_fixed_sizes_and_agrees_with_eager_mode():
     real = compiled._compiled
     compiled._compiled = lambda *args: sizes.append(len(args[3])) or real(*args)
     rows = torch.randn(12, eager.width, generator=torch.Generator().manual_seed(0))
-    for k in (12, 7):  # 12 of 16 (75%): compiled at 16; 7 of 16 (44%): eager
+    for k in (12, 1):  # both padded to the smallest compiled size
         ids = torch.arange(k).flip(0)
         (v0, g0), (v1, g1) = eager(ids, rows[:k]), compiled(ids, rows[:k])
         assert v1.shape == (k,) and g1.shape == (k, eager.width)
         torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)
-    assert sizes == [16]
+    assert sizes == [16, 16]
+
+
+def test_thin_convolutions_are_unfolded_into_the_same_function():
+    """The compiled objective's model computes first-layer convolutions as unfold + matmul: same
+    parameter names, same outputs and gradients; deeper convolutions (12 channels in) stay as they are."""
+    from leakbench.attacks import gradient_matching as gm
+
+    model = build_model("lenet-zhu", (3, 16, 16), 10, seed=0).double()
+    swapped = gm._unfold_thin_convolutions(model)
+    kinds = [type(m).__name__ for m in swapped.body if isinstance(m, torch.nn.Conv2d)]
+    assert kinds == ["_UnfoldConv2d", "Conv2d", "Conv2d"]
+    assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    out, out_swapped = model(x), swapped(x)
+    torch.testing.assert_close(out_swapped, out, rtol=1e-12, atol=1e-12)
+    weights = [p for p in model.parameters()] + [x]
+    grads = torch.autograd.grad(out.square().sum(), weights)
+    grads_swapped = torch.autograd.grad(out_swapped.square().sum(), [p for p in swapped.parameters()] + [x])
+    for a, b in zip(grads_swapped, grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    deep = build_model("lenet-zhu", (12, 16, 16), 10, seed=0)
+    assert gm._unfold_thin_convolutions(deep) is deep  # nothing thin: the model itself
 
 
 def test_engine_records_are_deterministic_and_monitored():
