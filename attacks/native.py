@@ -4,8 +4,9 @@
 instance's history is read from memory once per iteration instead of twice (see the file). It is
 built with the machine's C++ compiler into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``) the first time it is asked for, which takes about half a
-minute; later processes load the cached build. Where it cannot be built (no compiler), the engine
-warns once and keeps the torch path, which computes the same directions.
+minute; later processes load the cached build. Where it cannot be built (no C++ compiler, or no
+ninja, which torch's loader builds with), the engine warns once and keeps the torch path, which
+computes the same directions.
 """
 from __future__ import annotations
 

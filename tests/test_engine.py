@@ -54,10 +54,12 @@ def _torch_lbfgs(f, i, x0, *, steps, **kw):
 def _native_kernel():
     from leakbench.attacks.native import lbfgs_kernel
 
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("the native kernel needs a C++ compiler")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if (shutil.which("c++") is None and shutil.which("g++") is None) or not is_ninja_available():
+        pytest.skip("the native kernel needs a C++ compiler and ninja (torch's extension builder)")
     kernel = lbfgs_kernel()
-    assert kernel is not None, "a compiler is present, so the kernel must build"
+    assert kernel is not None, "a compiler and ninja are present, so the kernel must build"
     return kernel
 
 
