@@ -359,8 +359,9 @@ class _SlotState:
         return H g for every slot: H the L-BFGS inverse Hessian approximation of the slot's history with
         H0 = h_diag * I, in the compact form (Nocedal and Wright eq. 7.24). The history is read twice:
         one batched product gives every stored vector's products with the new s, the new y and g (the
-        Gram-block update and S^T g, Y^T g), a second one combines the rows. Slots outside
-        ``rows_mask`` get h_diag * g (their value is not used)."""
+        Gram-block update and S^T g, Y^T g), a second one combines the rows. With the native kernel
+        the same steps run instance by instance, the second read served from the CPU's cache. Slots
+        outside ``rows_mask`` get h_diag * g (their value is not used)."""
         m, k = self.m, self.k
         dev = g.device
         rows = accept.nonzero().flatten()
