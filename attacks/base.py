@@ -20,6 +20,12 @@ class Attack(Component):
     #: what the attack needs to be told beyond the shared update (recorded in every result)
     needs_labels: ClassVar[bool] = False
 
+    @property
+    def batches_tasks(self) -> bool:
+        """True when ``run`` solves many tasks in one vectorised program, so that a grid gains by handing
+        it the targets of several cells at once (the default ``run`` solves them one at a time)."""
+        return False
+
     def victim_batch_size(self) -> int:
         return int(getattr(self, "batch_size", 1))
 

@@ -49,6 +49,10 @@ class _GradientMatchingAttack(Attack):
     def label_method(self, task: AttackTask) -> str:
         return "optimised"
 
+    @property
+    def batches_tasks(self) -> bool:
+        return self.engine == "batched"
+
     def run(self, tasks, *, monitors=None):
         if self.engine == "reference" or not tasks:
             return super().run(tasks, monitors=monitors)

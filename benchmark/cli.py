@@ -162,6 +162,12 @@ def cmd_validate(args) -> int:
     parts = [f"{g.name}: {len(g.attacks)} attacks x {len(g.defenses)} defense settings x {len(g.datasets)} "
              f"datasets x {len(g.models)} models x {len(g.seeds)} seeds" for g in grid.all_grids()]
     print(f"grid {grid.name!r} is valid: {len(cells)} cells ({'; '.join(parts)})")
+    from .runner import RunOptions, Runner
+
+    jobs = Runner(grid, RunOptions(out_dir=Path("."))).jobs(cells)  # reads the grid only, writes nothing
+    programs = [j for j in jobs if len(j.cells) > 1]
+    print(f"{len(jobs)} jobs: {len(programs)} engine programs of several cells "
+          f"({sum(len(j.cells) for j in programs)} cells, batch_cells), {len(jobs) - len(programs)} cells on their own")
     return EXIT_OK
 
 

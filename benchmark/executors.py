@@ -1,9 +1,11 @@
 """Where a grid's cells run: in this process (serial), in a local process pool, or on Ray.
 
-An executor maps ``Runner.run_cell`` over cells and yields each record as its cell finishes; the
-parent process stays the only writer of ``results.jsonl`` (one flock'd append per record), so results
-stream in, a kill loses at most the cells in flight, and nothing is written twice. Every cell derives
-its seeds from its own identity (``derive_seed``), so where a cell runs does not change its numbers.
+An executor maps ``Runner.run_job`` over jobs (a cell, or the cells that run as one engine program,
+see ``Runner.program_key``) and yields each record as its job finishes; the parent process stays the
+only writer of ``results.jsonl`` (one flock'd append per record), so results stream in, a kill loses at
+most the jobs in flight, and nothing is written twice. Every cell derives its seeds from its own
+identity (``derive_seed``) and a job's cells are fixed by the grid, so where a cell runs does not
+change its numbers.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .grid import Cell, Grid
-    from .runner import RunOptions, Runner
+    from .runner import Job, RunOptions, Runner
 
 EXECUTORS = ("local", "ray")
 
@@ -33,19 +35,24 @@ def threads_per_worker(workers: int, threads: int | None) -> int:
     return threads if threads is not None else max(1, available_cores() // workers)
 
 
-def longest_first(cells: list["Cell"]) -> list["Cell"]:
+def longest_first(jobs: list["Job"], cells: dict[str, "Cell"]) -> list["Job"]:
     """A cheap schedule for a pool: collaborative cells first (each runs the whole protocol, about a
-    minute on the quick grid against seconds for a gradient cell), so the run does not end with one
-    worker busy on a long cell while the others idle. Gradient cells go attack-major, so that cells in
-    flight at the same time have different defense settings and do not wait on the same accuracy run."""
+    minute on the quick grid against seconds for a gradient cell), then programs of many cells, largest
+    first, so the run does not end with one worker busy on a long job while the others idle. Single
+    gradient cells go attack-major, so that cells in flight at the same time have different defense
+    settings and do not wait on the same accuracy run."""
     from .registry import ATTACKS
 
-    return sorted(cells, key=lambda c: (ATTACKS.get(c.attack.name).setting != "collaborative",
-                                        c.grid.attacks.index(c.attack)))
+    def order(job: "Job") -> tuple:
+        first = cells[job.cells[0]]
+        return (ATTACKS.get(first.attack.name).setting != "collaborative", -len(job.cells),
+                first.grid.attacks.index(first.attack))
+
+    return sorted(jobs, key=order)
 
 
 class CellExecutor(ABC):
-    """Runs cells and yields their records in the order they finish. Use as a context manager."""
+    """Runs jobs and yields their cells' records in the order they finish. Use as a context manager."""
 
     parallel = False
 
@@ -56,16 +63,17 @@ class CellExecutor(ABC):
         return None
 
     @abstractmethod
-    def run(self, runner: "Runner", cells: list["Cell"]) -> Iterator[dict]:
+    def run(self, runner: "Runner", jobs: list["Job"]) -> Iterator[dict]:
         ...
 
 
 class SerialExecutor(CellExecutor):
-    """Today's behaviour: one cell after another in this process, in grid order."""
+    """One job after another in this process, in grid order."""
 
-    def run(self, runner, cells):
-        for cell in cells:
-            yield runner.run_cell(cell)
+    def run(self, runner, jobs):
+        cells = {c.key(): c for c in runner.grid.cells()}
+        for job in jobs:
+            yield from runner.run_job(job, cells)
 
 
 # -- worker side (a spawned process or a Ray worker) ------------------------------------------------
@@ -93,14 +101,14 @@ def _start_worker(grid: "Grid", options: "RunOptions", threads: int, run_id: str
     _worker_run_id = run_id
 
 
-def _run_cell_by_key(key: str) -> dict:
-    return _worker_runner.run_cell(_worker_cells[key])
+def _run_job(job: "Job") -> list[dict]:
+    return _worker_runner.run_job(job, _worker_cells)
 
 
-def _run_cell_in_ray(grid: "Grid", options: "RunOptions", threads: int, run_id: str, key: str) -> dict:
+def _run_job_in_ray(grid: "Grid", options: "RunOptions", threads: int, run_id: str, job: "Job") -> list[dict]:
     # Ray reuses worker processes across tasks: the Runner is built on a worker's first task of a run
     _start_worker(grid, options, threads, run_id)
-    return _run_cell_by_key(key)
+    return _run_job(job)
 
 
 def _new_run_id() -> str:
@@ -122,15 +130,15 @@ class LocalPoolExecutor(CellExecutor):
         self.workers = workers
         self.threads = threads_per_worker(workers, threads)
 
-    def run(self, runner, cells):
+    def run(self, runner, jobs):
         import multiprocessing
 
-        if not cells:
+        if not jobs:
             return
-        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(cells)),
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)),
                                    mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(runner.grid, runner.options, self.threads, _new_run_id()))
-        futures = {pool.submit(_run_cell_by_key, cell.key()) for cell in cells}
+        futures = {pool.submit(_run_job, job) for job in jobs}
         try:
             yield from _as_finished(futures)
         finally:
@@ -138,7 +146,7 @@ class LocalPoolExecutor(CellExecutor):
 
 
 def _as_finished(futures: set) -> Iterator[dict]:
-    """Records as their futures finish. After a failed cell, no new cell starts, the cells already
+    """Records as their futures (jobs) finish. After a failed job, no new job starts, the jobs already
     running still finish and are yielded (so their work is kept), then the first error is raised."""
     error = None
     pending = set(futures)
@@ -153,7 +161,7 @@ def _as_finished(futures: set) -> Iterator[dict]:
                     for queued in pending:
                         queued.cancel()
                 continue
-            yield future.result()
+            yield from future.result()
     if error is not None:
         raise error
 
@@ -214,22 +222,22 @@ class RayExecutor(CellExecutor):
 
         ray.shutdown()  # stops the local instance we started; only disconnects from a cluster
 
-    def run(self, runner, cells):
+    def run(self, runner, jobs):
         import ray
 
-        task = ray.remote(num_cpus=self.threads, max_retries=0)(_run_cell_in_ray)
+        task = ray.remote(num_cpus=self.threads, max_retries=0)(_run_job_in_ray)
         grid_ref = ray.put(runner.grid)  # sent once, not with every task
         # absolute paths: a worker's working directory is not the driver's on another node
         options = dataclasses.replace(runner.options, out_dir=runner.options.out_dir.resolve(),
                                       cache_dir=runner.options.cache_dir and runner.options.cache_dir.resolve())
         run_id = _new_run_id()
-        queue = list(cells)
+        queue = list(jobs)
         in_flight = []
         while queue or in_flight:
             while queue and len(in_flight) < self.workers:
-                in_flight.append(task.remote(grid_ref, options, self.threads, run_id, queue.pop(0).key()))
+                in_flight.append(task.remote(grid_ref, options, self.threads, run_id, queue.pop(0)))
             done, in_flight = ray.wait(in_flight, num_returns=1)
-            yield ray.get(done[0])
+            yield from ray.get(done[0])
 
 
 # The local instance's shared-memory store only carries the grid and one record per cell: Ray's default

@@ -24,7 +24,8 @@ from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, _ensure_builtins
 from .training import TrainingConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
-                  "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "oracle", "subgrids")
+                  "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "oracle", "subgrids",
+                  "batch_cells")
 GRID_SETTINGS = ("gradient", "collaborative", "model")  # attack settings a grid can run
 THREAT_KEYS = ("model_state", "train_steps", "labels_known")
 MODEL_STATES = ("random-init", "trained")
@@ -140,6 +141,8 @@ class Cell:
             "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
             "targets": grid.targets, "split": grid.split, "threat": dict(grid.threat),
             "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict),
+            # batching changes a float32 trajectory's rounding, so a cell run alone is another result
+            **({} if grid.batch_cells else {"batch_cells": False}),
         }
 
     def protocol(self) -> dict:
@@ -172,6 +175,8 @@ class Grid:
     gan_verdict: Any = None                           # LeakRule of collaborative attack cells
     oracle: dict = field(default_factory=dict)        # train_oracle settings that differ from its defaults
     source: str = ""
+    # gradient cells that differ only in their defense setting run as one engine program (Runner.program_key)
+    batch_cells: bool = True
 
     subgrids: list["Grid"] = field(default_factory=list)
 
@@ -309,6 +314,9 @@ def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
         raise ConfigError(f"grid: threat.train_steps = {steps!r} is invalid; allowed: an integer >= 0")
     if not isinstance(threat["labels_known"], bool):
         raise ConfigError(f"grid: threat.labels_known = {threat['labels_known']!r} is invalid; allowed: true, false")
+    batch_cells = raw.get("batch_cells", True)
+    if not isinstance(batch_cells, bool):
+        raise ConfigError(f"grid: batch_cells = {batch_cells!r} is invalid; allowed: true, false")
     grid = Grid(
         name=str(raw.get("name") or Path(source).stem or "grid"),
         description=str(raw.get("description", "")),
@@ -322,7 +330,7 @@ def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
         protocol=_protocol(raw.get("protocol")),
         gan_verdict=LeakRule.from_config(raw.get("gan_verdict")),
         oracle=check_section("grid: oracle", raw.get("oracle"), ORACLE_PARAMS),
-        source=source,
+        source=source, batch_cells=batch_cells,
         subgrids=[load_grid(_relative(source, s), _seen=_seen) for s in _names(raw.get("subgrids"), "subgrids")],
     )
     if any(ATTACKS.get(a.name).setting == "collaborative" for a in grid.attacks):

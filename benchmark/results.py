@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 T = TypeVar("T")
 
@@ -109,11 +109,12 @@ def atomic_write_torch(path: Path, obj: Any) -> None:
 
 
 def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path], T],
-                  write: Callable[[Path, T], None]) -> T:
+                  write: Callable[[Path, T], None], wait: bool = True) -> T | None:
     """The value cached at ``path``, computed at most once however many processes ask at the same
     time: the first takes a per-entry file lock and computes; the others block on the lock, then find
     the entry written and read it. (filelock, a torch dependency, rather than hand-rolled flock code.)
-    An entry that cannot be read (torn by a crash of an older version, another format) is recomputed."""
+    An entry that cannot be read (torn by a crash of an older version, another format) is recomputed.
+    ``wait=False``: None at once when another process holds the lock (it is computing the entry)."""
 
     def cached() -> tuple[bool, Any]:
         if not path.exists():
@@ -127,10 +128,17 @@ def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path]
     if found:
         return value
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(f".{path.name}.lock")):
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return None
+    try:
         found, value = cached()  # another process may have written it while this one waited
         if found:
             return value
         value = compute()
         write(path, value)  # written atomically (rename) before the lock is released
         return value
+    finally:
+        lock.release()

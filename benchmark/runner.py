@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .executors import CellExecutor
 
 CONVERGED_MSE = 1e-3  # a batch counts as recovered once every matched sample is below this MSE
+# targets in one engine program of several cells: four times the engine's default 64 slots, enough for
+# full batches and a short tail, while `full` still splits into 54 jobs for a cluster's workers
+MAX_PROGRAM_TARGETS = 256
 
 
 def library_versions() -> dict[str, str]:
@@ -136,14 +139,15 @@ class Runner:
         model = spec.create(data.shape, data.num_classes, generator=torch.Generator().manual_seed(seed))
         return model.to(self.options.device)
 
-    def accuracy(self, cell: Cell) -> dict[str, Any]:
+    def accuracy(self, cell: Cell, *, wait: bool = True) -> dict[str, Any] | None:
         """Accuracy of training under this defense setting, cached on disk per (defense, dataset, model,
         seed, training config): it does not depend on the attack, and parallel workers compute each
-        setting once (the others wait for it)."""
+        setting once (the others wait for it; with ``wait=False`` they get None instead)."""
         path = self.accuracy_cache_path(cell)
         return computed_once(path, lambda: self._train_for_accuracy(cell),
                              read=lambda p: json.loads(p.read_text()),
-                             write=lambda p, result: atomic_write_text(p, json.dumps(result, sort_keys=True)))
+                             write=lambda p, result: atomic_write_text(p, json.dumps(result, sort_keys=True)),
+                             wait=wait)
 
     def _train_for_accuracy(self, cell: Cell, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """``model``: a fresh model from :meth:`accuracy_model` to train (and leave trained); default a new one."""
@@ -174,27 +178,122 @@ class Runner:
                    "data_dir": bool(self.options.data_dir)}
         return self.cache_dir / "accuracy" / f"{config_hash(key_obj)}.json"
 
-    # -- one cell ------------------------------------------------------------------------------------
+    # -- one cell, or one program of cells --------------------------------------------------------
     def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """One cell's record, computed on its own (the leaderboard protocol's path)."""
+        return self.run_job(Job((cell.key(),), (cell.key(),)), cells={cell.key(): cell})[0]
+
+    def run_job(self, job: "Job", cells: dict[str, Cell] | None = None) -> list[dict[str, Any]]:
+        """The records of ``job.pending``. A job of several cells is one program: their gradient
+        attacks run as one engine call (see :meth:`program_key`); the whole group runs even when only
+        some of it is pending, so that a cell's numbers never depend on what a resumed run skips."""
+        cells = cells if cells is not None else {c.key(): c for c in self.grid.cells()}
+        members = [cells[k] for k in job.cells]
+        if len(members) > 1:
+            records = self.run_gradient_cells(members)
+        else:
+            records = [self._run_single(members[0])]
+        out = []
+        for cell, record in zip(members, records):
+            if cell.key() in job.pending:
+                record["versions"] = library_versions()
+                record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                out.append(record)
+        return out
+
+    def _run_single(self, cell: Cell) -> dict[str, Any]:
         attack = ATTACKS.build(cell.attack.name, cell.attack.params)
         defense = DEFENSES.build(cell.defense.name, cell.defense.params)
         if attack.setting == "collaborative":
             from .collab_cells import run_collaborative_cell
 
-            record = run_collaborative_cell(self, cell, attack, defense)
-        elif attack.setting == "model":
+            return run_collaborative_cell(self, cell, attack, defense)
+        if attack.setting == "model":
             from .model_cells import run_model_cell
 
-            record = run_model_cell(self, cell, attack, defense)
-        else:
-            record = self.run_gradient_cell(cell, attack, defense)
-        record["versions"] = library_versions()
-        record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return record
+            return run_model_cell(self, cell, attack, defense)
+        return self.run_gradient_cells([cell])[0]
 
-    def run_gradient_cell(self, cell: Cell, attack, defense) -> dict[str, Any]:
+    @staticmethod
+    def program_key(cell: Cell) -> str | None:
+        """Cells with the same key run as one program: gradient cells of a grid that batches cells
+        (``batch_cells``, on by default) whose attack solves many tasks in one engine program, and that
+        differ only in their defense setting. Their targets attack the same models (a target's model
+        depends on the seed and the target, not on the defense), so the engine batches them as the
+        speed issue asks ("defense settings that share a model"). None: the cell runs on its own."""
+        if not cell.grid.batch_cells or ATTACKS.get(cell.attack.name).setting != "gradient":
+            return None
+        if not ATTACKS.build(cell.attack.name, cell.attack.params).batches_tasks:
+            return None
+        return config_hash({**cell.config(), "defense": None, "grid": cell.grid.name})
+
+    def jobs(self, cells: list[Cell]) -> list["Job"]:
+        """``cells`` (the pending ones) as jobs, in the order their first cell comes in ``cells``: each
+        program whole (fixed by the grid), the other cells one job each. A group of cells with the
+        same :meth:`program_key` is cut, in grid order, into programs of at most
+        ``MAX_PROGRAM_TARGETS`` targets, so that a cluster still gets enough jobs to spread."""
+        groups: dict[str, list[Cell]] = {}
+        for cell in self.grid.cells():
+            key = self.program_key(cell)
+            if key is not None:
+                groups.setdefault(key, []).append(cell)
+        program_of: dict[str, tuple[str, ...]] = {}
+        for members in groups.values():
+            per_program = max(1, MAX_PROGRAM_TARGETS // members[0].grid.targets)
+            for start in range(0, len(members), per_program):
+                chunk = tuple(c.key() for c in members[start:start + per_program])
+                for key in chunk:
+                    program_of[key] = chunk
+        pending = {c.key() for c in cells}
+        jobs, seen = [], set()
+        for cell in cells:
+            program = program_of.get(cell.key(), (cell.key(),))
+            if program not in seen:
+                seen.add(program)
+                jobs.append(Job(program, tuple(k for k in program if k in pending)))
+        return jobs
+
+    def run_gradient_cells(self, cells: list[Cell]) -> list[dict[str, Any]]:
+        """Records of gradient cells that share an attack (one engine call for all their targets)."""
+        attack = ATTACKS.build(cells[0].attack.name, cells[0].attack.params)
+        setups = [self._gradient_setup(cell, attack) for cell in cells]
+        started = time.perf_counter()
+        reconstructions = attack.run([t for s in setups for t in s.tasks],
+                                     monitors=[m for s in setups for m in s.monitors])
+        attack_seconds = time.perf_counter() - started
+        accuracy_seconds = self._fill_accuracies(cells)
+        records, offset = [], 0
+        total_evals = sum(r.closure_evals for r in reconstructions) or 1
+        for setup in setups:
+            recs = reconstructions[offset:offset + len(setup.tasks)]
+            offset += len(setup.tasks)
+            # the program's time, shared by the cells in proportion to their objective evaluations
+            share = attack_seconds * sum(r.closure_evals for r in recs) / total_evals
+            records.append(self._gradient_record(setup, recs, share + accuracy_seconds[setup.cell.key()],
+                                                 program_cells=len(cells)))
+        return records
+
+    def _fill_accuracies(self, cells: list[Cell]) -> dict[str, float]:
+        """Compute the cells' accuracy entries, first those no other worker is computing: two workers
+        that need the same settings then work on different ones instead of queueing behind each other.
+        Returns the seconds each cell waited for its entry (part of its wall time, as for a lone cell)."""
+        seconds: dict[str, float] = {}
+        waiting = []
+        for cell in cells:
+            started = time.perf_counter()
+            if self.accuracy(cell, wait=False) is None:
+                waiting.append(cell)
+            seconds[cell.key()] = time.perf_counter() - started
+        for cell in waiting:
+            started = time.perf_counter()
+            self.accuracy(cell)
+            seconds[cell.key()] += time.perf_counter() - started
+        return seconds
+
+    def _gradient_setup(self, cell: Cell, attack) -> "_GradientSetup":
         started = time.perf_counter()
         grid = cell.grid
+        defense = DEFENSES.build(cell.defense.name, cell.defense.params)
         data = self.dataset(cell.dataset, grid.split)
         batch = defense.victim_batch_size(attack.victim_batch_size())
         need = grid.targets * batch
@@ -203,8 +302,7 @@ class Runner:
         # the same private batches for every defense and attack of a (dataset, seed, batch size)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed("targets", cell.seed)))
         device = self.options.device
-
-        tasks, truths, monitors, converge_steps = [], [], [], []
+        setup = _GradientSetup(cell, defense, data, batch)
         for t in range(grid.targets):
             idx = order[t * batch:(t + 1) * batch]
             x, y = data.images[idx].to(device), data.labels[idx].to(device)
@@ -214,23 +312,28 @@ class Runner:
             g = torch.Generator().manual_seed(derive_seed("defense", cell.seed, t, cell.defense.as_dict()))
             classes = output_width(model, data.shape)  # the attacker knows the model, so its output width
             shared = defense.share(model, x, F.one_hot(y, classes).float(), generator=g)
-            tasks.append(AttackTask(model=model, shared=shared, input_shape=data.shape,
-                                    num_classes=classes, batch_size=batch, scale=data.scale,
-                                    labels=y.clone() if grid.threat["labels_known"] else None,
-                                    defense_params=defense.get_params(),
-                                    defense_name=defense.registry_name,
-                                    seed=derive_seed("attack", cell.seed, t)))
-            truths.append((x, y))
-            converge_steps.append(None)
-            monitors.append(self._convergence_monitor(data, x, converge_steps, t))
+            setup.tasks.append(AttackTask(model=model, shared=shared, input_shape=data.shape,
+                                          num_classes=classes, batch_size=batch, scale=data.scale,
+                                          labels=y.clone() if grid.threat["labels_known"] else None,
+                                          defense_params=defense.get_params(),
+                                          defense_name=defense.registry_name,
+                                          seed=derive_seed("attack", cell.seed, t)))
+            setup.truths.append((x, y))
+            setup.converge_steps.append(None)
+            setup.monitors.append(self._convergence_monitor(data, x, setup.converge_steps, t))
+        setup.seconds = time.perf_counter() - started
+        return setup
 
-        reconstructions = attack.run(tasks, monitors=monitors)
-
+    def _gradient_record(self, setup: "_GradientSetup", reconstructions, attack_seconds: float, *,
+                         program_cells: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        cell, defense, data, batch = setup.cell, setup.defense, setup.data, setup.batch
+        grid = cell.grid
         per_sample: dict[str, list] = {k: [] for k in ("mse", "psnr", "ssim", "label_correct")}
         per_target: dict[str, list] = {k: [] for k in ("closure_evals", "steps", "grad_distance", "diverged",
                                                        "steps_to_converge", "label_method")}
         originals, recons = [], []
-        for (x, y), rec, conv in zip(truths, reconstructions, converge_steps):
+        for (x, y), rec, conv in zip(setup.truths, reconstructions, setup.converge_steps):
             recon_unit = data.to_unit(rec.images.detach().cpu()).clamp(0, 1)
             orig_unit = data.to_unit(x.cpu())
             scores = score_reconstruction(recon_unit, orig_unit,
@@ -276,7 +379,9 @@ class Runner:
             "verdict": {"defended": rule.defended(leak_rate), "rule": rule.describe(),
                         "metric": rule.metric, "threshold": rule.threshold, "max_leak_rate": rule.max_leak_rate},
             "device": self.options.device,
-            "wall_seconds": round(time.perf_counter() - started, 3),
+            # this cell's setup, accuracy entry and scoring, plus its share of the program's attack time
+            "wall_seconds": round(setup.seconds + attack_seconds + time.perf_counter() - started, 3),
+            "program_cells": program_cells,  # cells whose targets ran in the same engine program
         }
         return record
 
@@ -345,12 +450,13 @@ class Runner:
         snapshot = {**_grid_snapshot(self.grid), "cell_keys": [c.key() for c in all_cells]}
         atomic_write_text(out / "grid.json", json.dumps(snapshot, indent=2, sort_keys=True))
         cells = self.pending()
+        jobs = self.jobs(cells)
         if executor.parallel:
-            cells = longest_first(cells)
+            jobs = longest_first(jobs, {c.key(): c for c in all_cells})
         bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(cells), unit="cell",
                    desc=f"leakbench {self.grid.name}", disable=not self.options.progress, file=sys.stderr)
         written = []
-        for record in executor.run(self, cells):
+        for record in executor.run(self, jobs):
             self.store.append(record)
             written.append(record)
             bar.set_postfix_str(f"{record['attack']} vs {record['defense_label']}")
@@ -359,10 +465,34 @@ class Runner:
         return written
 
 
+@dataclass(frozen=True)
+class Job:
+    """What an executor runs as one unit: the keys of cells computed together, and those of them whose
+    records are wanted (the pending ones)."""
+
+    cells: tuple[str, ...]
+    pending: tuple[str, ...]
+
+
+@dataclass
+class _GradientSetup:
+    """A gradient cell's tasks and what scoring them needs, built before the attack runs."""
+
+    cell: Cell
+    defense: Any
+    data: ImageData
+    batch: int
+    tasks: list[AttackTask] = field(default_factory=list)
+    truths: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    monitors: list[Callable] = field(default_factory=list)
+    converge_steps: list[int | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+
 def _grid_snapshot(grid: Grid) -> dict:
     return {"name": grid.name, "description": grid.description, "source": grid.source,
             "datasets": [d.as_dict() for d in grid.datasets], "models": [m.as_dict() for m in grid.models],
             "attacks": [a.as_dict() for a in grid.attacks], "defenses": [d.as_dict() for d in grid.defenses],
             "seeds": grid.seeds, "targets": grid.targets, "split": grid.split, "threat": grid.threat,
-            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol), "oracle": dict(grid.oracle),
+            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol), "oracle": dict(grid.oracle), "batch_cells": grid.batch_cells,
             "subgrids": [_grid_snapshot(g) for g in grid.subgrids]}

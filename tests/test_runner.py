@@ -155,3 +155,93 @@ def test_collaborative_attack_cells_run_through_a_grid(tmp_path):
     assert "gan-active oracle" in table and "idlg PSNR" in table
     assert (tmp_path / "reconstructions_gan-active.png").exists()
     assert runner.run() == [], "finished collaborative cells are not run again"
+
+
+# one attack against four defense settings (one with another victim batch size), two targets each: with
+# batch_cells (the default) the eight targets are one engine call, without it each cell is its own
+PROGRAM = {
+    "name": "program",
+    "datasets": [{"name": "digits", "params": {"image_size": 8}}],
+    "models": ["lenet-zhu"],
+    "attacks": [{"name": "dlg", "params": {"steps": 2}}],
+    "defenses": ["none", {"name": "gaussian-noise", "params": {"variance": 1e-2}},
+                 {"name": "pruning", "params": {"ratio": 0.7}}, {"name": "large-batch", "params": {"batch_size": 2}}],
+    "targets": 2,
+    "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
+}
+
+
+def _run_counting_engine_calls(tmp_path, monkeypatch, grid: dict, name: str):
+    from leakbench.attacks.dlg import DLG
+    from leakbench.grid import parse_grid
+    from leakbench.runner import RunOptions, Runner
+
+    calls, real = [], DLG.run
+    monkeypatch.setattr(DLG, "run", lambda self, tasks, **kw: calls.append(len(tasks)) or real(self, tasks, **kw))
+    out = tmp_path / name
+    records = Runner(parse_grid(grid), RunOptions(out_dir=out, progress=False)).run()
+    return {r["defense_label"]: r for r in records}, calls, out
+
+
+def test_cells_that_differ_only_in_defense_run_as_one_program(tmp_path, monkeypatch):
+    """The batched program solves each cell's own problems: after two L-BFGS steps (too few for float32
+    rounding to grow) every cell's gradient distances are those of the cell run on its own, although
+    the cells' distances differ by orders of magnitude, so a mix-up of cells would show."""
+    batched, calls, _ = _run_counting_engine_calls(tmp_path, monkeypatch, PROGRAM, "batched")
+    assert calls == [8], "the four cells' targets in one engine call"
+    assert all(r["program_cells"] == 4 for r in batched.values())
+    alone, calls, _ = _run_counting_engine_calls(tmp_path, monkeypatch, {**PROGRAM, "batch_cells": False}, "alone")
+    assert calls == [2, 2, 2, 2] and all(r["program_cells"] == 1 for r in alone.values())
+    assert set(batched) == set(alone)
+    for label, record in batched.items():
+        assert record["per_target"]["grad_distance"] == pytest.approx(alone[label]["per_target"]["grad_distance"],
+                                                                      rel=0.05), label
+    distances = sorted(r["per_target"]["grad_distance"][0] for r in batched.values())
+    assert distances[-1] > 100 * distances[0]
+    # a cell's key says whether it ran batched: resuming never mixes the two kinds of record
+    assert not {r["key"] for r in batched.values()} & {r["key"] for r in alone.values()}
+
+
+def test_resuming_a_partly_written_program_gives_the_uninterrupted_numbers(tmp_path, monkeypatch):
+    """A kill between two records of one program leaves part of it written: the resumed run computes
+    the whole program again and writes only the missing cells, with the numbers they had."""
+    full, _, out = _run_counting_engine_calls(tmp_path, monkeypatch, PROGRAM, "full")
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines[:2]))  # as if killed after two of the four appends
+    import json
+
+    kept = {json.loads(line)["defense_label"] for line in lines[:2]}
+    resumed, calls, _ = _run_counting_engine_calls(tmp_path, monkeypatch, PROGRAM, "full")
+    assert calls == [8] and set(resumed) == set(full) - kept
+    for label, record in resumed.items():
+        assert _comparable(record) == _comparable(full[label]), label
+    assert len(ResultsStore(results).records()) == 4
+
+
+def test_batch_cells_must_be_a_boolean(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**PROGRAM, "batch_cells": "yes"}))
+    assert main(["run", "--grid", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch_cells" in err and "true, false" in err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_large_groups_are_cut_into_programs_fixed_by_the_grid(tmp_path, monkeypatch):
+    """Programs hold at most MAX_PROGRAM_TARGETS targets, cut in grid order whatever is pending, and a
+    pending cell's job is its whole program."""
+    from leakbench import runner as runner_module
+    from leakbench.grid import parse_grid
+    from leakbench.runner import RunOptions, Runner
+
+    monkeypatch.setattr(runner_module, "MAX_PROGRAM_TARGETS", 4)  # two cells of 2 targets per program
+    grid = parse_grid({**PROGRAM, "attacks": [*PROGRAM["attacks"], {"name": "gan-passive"}]})
+    runner = Runner(grid, RunOptions(out_dir=tmp_path))
+    cells = grid.cells()
+    dlg = [c.key() for c in cells if c.attack.name == "dlg"]
+    jobs = runner.jobs(cells)
+    assert [j.cells for j in jobs if len(j.cells) > 1] == [tuple(dlg[:2]), tuple(dlg[2:])]
+    assert sum(len(j.cells) == 1 for j in jobs) == 4, "the collaborative cells run on their own"
+    later = runner.jobs([c for c in cells if c.key() == dlg[3]])
+    assert later == [runner_module.Job(tuple(dlg[2:]), (dlg[3],))]
