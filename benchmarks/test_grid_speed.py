@@ -70,3 +70,53 @@ def test_executor_overhead(benchmark, tmp_path_factory, executor_name):
     grid = parse_grid(SHORT_GRID)
     records = _time_grid(benchmark, tmp_path_factory, grid, executor_name, 2)
     assert len(records) == len(grid.cells())
+
+
+# The `full` grid's DLG cells on CIFAR-10 (300 L-BFGS steps, no early-stopping rules), one seed, 8 of its
+# defense settings and 4 targets per cell (the full grid has 26 and 16): with batch_cells the 32 targets
+# are one engine program, without it eight programs of 4. Serial, with every core's threads for the engine.
+FULL_SLICE = {
+    "name": "full-slice",
+    "datasets": [{"name": "cifar10"}],
+    "models": ["lenet-zhu"],
+    "attacks": [{"name": "dlg", "params": {"steps": 300}}],
+    "defenses": ["none", {"name": "gaussian-noise", "sweep": {"variance": [1e-4, 1e-3, 1e-2, 1e-1]}},
+                 {"name": "pruning", "sweep": {"ratio": [0.1, 0.5, 0.99]}}],
+    "targets": 4,
+    "accuracy": {"epochs": 1, "train_size": 256, "test_size": 256},
+}
+
+
+@pytest.mark.parametrize("batch_cells", [True, False], ids=["one-program", "per-cell"])
+def test_full_grid_slice(benchmark, tmp_path_factory, batch_cells):
+    """Cells that differ only in their defense setting as one engine program, against one program per
+    cell (needs LEAKBENCH_DATA_DIR with cifar10/)."""
+    import os
+    from pathlib import Path
+
+    data_dir = os.environ.get("LEAKBENCH_DATA_DIR")
+    if not data_dir or not (Path(data_dir) / "cifar10").is_dir():
+        pytest.skip("set LEAKBENCH_DATA_DIR to a mirror holding cifar10/")
+    grid = parse_grid({**FULL_SLICE, "batch_cells": batch_cells})
+    threads = available_cores()
+
+    def fresh_runner():
+        return (Runner(grid, RunOptions(out_dir=tmp_path_factory.mktemp("slice"), data_dir=data_dir,
+                                        progress=False)),), {}
+
+    def run(runner):
+        torch.set_num_threads(threads)
+        return runner.run()
+
+    records = benchmark.pedantic(run, setup=fresh_runner, rounds=1, iterations=1)
+    assert len(records) == len(grid.cells())
+    tasks = grid.targets * len(grid.cells())
+    seconds = benchmark.stats.stats.min
+    recovered = sum(r["metrics"]["recovered_rate"] * grid.targets for r in records)
+    benchmark.extra_info.update(cells=len(records), targets=tasks, threads=threads,
+                                attacks_per_minute=round(60 * tasks / seconds, 2),
+                                recovered=f"{round(recovered)}/{tasks}",
+                                recovered_without_defense=[r["metrics"]["recovered_rate"] for r in records
+                                                           if r["defense"] == "none"][0])
+    print(f"batch_cells={batch_cells}: {seconds:.1f} s, {60 * tasks / seconds:.2f} attacks/min, "
+          f"recovered {round(recovered)}/{tasks}")
