@@ -218,9 +218,11 @@ class Runner:
     def program_key(cell: Cell) -> str | None:
         """Cells with the same key run as one program: gradient cells of a grid that batches cells
         (``batch_cells``, on by default) whose attack solves many tasks in one engine program, and that
-        differ only in their defense setting. Their targets attack the same models (a target's model
-        depends on the seed and the target, not on the defense), so the engine batches them as the
-        speed issue asks ("defense settings that share a model"). None: the cell runs on its own."""
+        differ only in their defense setting. Their targets attack one architecture and, at a random
+        init, the same weights (a target's model depends on the seed and the target, not on the
+        defense; pretrained weights differ per defense and are batched as per-instance weights), so the
+        engine batches them as the speed issue asks ("defense settings that share a model"). None: the
+        cell runs on its own."""
         if not cell.grid.batch_cells or ATTACKS.get(cell.attack.name).setting != "gradient":
             return None
         if not ATTACKS.build(cell.attack.name, cell.attack.params).batches_tasks:
