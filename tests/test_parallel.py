@@ -229,3 +229,25 @@ def test_ray_missing_says_what_to_install(tmp_path, tiny_grid_file, capsys, monk
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "leakbench[ray]" in err
     assert not out.exists()
+
+
+def test_computed_once_without_waiting_skips_an_entry_another_process_computes(tmp_path):
+    """``wait=False`` (how a program's cells fill their accuracy entries first) returns None at once
+    while the entry's lock is held elsewhere, without computing, and computes once the lock is free."""
+    import json
+
+    from filelock import FileLock
+
+    from leakbench.results import atomic_write_text, computed_once
+
+    path, calls = tmp_path / "entry.json", []
+
+    def ask(wait):
+        return computed_once(path, lambda: calls.append(1) or {"v": 1}, read=lambda p: json.loads(p.read_text()),
+                             write=lambda p, v: atomic_write_text(p, json.dumps(v)), wait=wait)
+
+    holder = FileLock(path.with_name(f".{path.name}.lock"))  # another open file: flock conflicts with it
+    with holder:
+        assert ask(wait=False) is None and not calls
+    assert ask(wait=False) == {"v": 1} and len(calls) == 1
+    assert ask(wait=True) == {"v": 1} and len(calls) == 1, "read from the cache, not computed again"
