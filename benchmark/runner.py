@@ -263,7 +263,7 @@ class Runner:
         reconstructions = attack.run([t for s in setups for t in s.tasks],
                                      monitors=[m for s in setups for m in s.monitors])
         attack_seconds = time.perf_counter() - started
-        accuracy_seconds = self._fill_accuracies(cells)
+        accuracies = self._fill_accuracies(cells)
         records, offset = [], 0
         total_evals = sum(r.closure_evals for r in reconstructions) or 1
         for setup in setups:
@@ -271,26 +271,29 @@ class Runner:
             offset += len(setup.tasks)
             # the program's time, shared by the cells in proportion to their objective evaluations
             share = attack_seconds * sum(r.closure_evals for r in recs) / total_evals
-            records.append(self._gradient_record(setup, recs, share + accuracy_seconds[setup.cell.key()],
+            accuracy, waited = accuracies[setup.cell.key()]
+            records.append(self._gradient_record(setup, recs, share + waited, accuracy=accuracy,
                                                  program_cells=len(cells)))
         return records
 
-    def _fill_accuracies(self, cells: list[Cell]) -> dict[str, float]:
+    def _fill_accuracies(self, cells: list[Cell]) -> dict[str, tuple[dict[str, Any], float]]:
         """Compute the cells' accuracy entries, first those no other worker is computing: two workers
         that need the same settings then work on different ones instead of queueing behind each other.
-        Returns the seconds each cell waited for its entry (part of its wall time, as for a lone cell)."""
-        seconds: dict[str, float] = {}
+        Returns each cell's entry and the seconds it waited for it (part of its wall time, as for a
+        lone cell)."""
+        out: dict[str, tuple[dict[str, Any], float]] = {}
         waiting = []
         for cell in cells:
             started = time.perf_counter()
-            if self.accuracy(cell, wait=False) is None:
+            entry = self.accuracy(cell, wait=False)
+            out[cell.key()] = (entry, time.perf_counter() - started)
+            if entry is None:
                 waiting.append(cell)
-            seconds[cell.key()] = time.perf_counter() - started
         for cell in waiting:
             started = time.perf_counter()
-            self.accuracy(cell)
-            seconds[cell.key()] += time.perf_counter() - started
-        return seconds
+            entry = self.accuracy(cell)
+            out[cell.key()] = (entry, out[cell.key()][1] + time.perf_counter() - started)
+        return out
 
     def _gradient_setup(self, cell: Cell, attack) -> "_GradientSetup":
         started = time.perf_counter()
@@ -327,7 +330,7 @@ class Runner:
         return setup
 
     def _gradient_record(self, setup: "_GradientSetup", reconstructions, attack_seconds: float, *,
-                         program_cells: int) -> dict[str, Any]:
+                         accuracy: dict[str, Any], program_cells: int) -> dict[str, Any]:
         started = time.perf_counter()
         cell, defense, data, batch = setup.cell, setup.defense, setup.data, setup.batch
         grid = cell.grid
@@ -355,7 +358,6 @@ class Runner:
         rule = grid.verdict
         leak_flags = rule.recognisable(per_sample[rule.metric])
         leak_rate = sum(leak_flags) / len(leak_flags)
-        accuracy = self.accuracy(cell)
         key = cell.key()
         self.save_images(key, torch.cat(originals), torch.cat(recons))
         record = {
