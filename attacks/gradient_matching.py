@@ -155,7 +155,8 @@ class BatchedGradientMatching:
                  shared_weights: bool = False) -> None:
         from torch.func import functional_call, grad, grad_and_value, vmap
 
-        if compile and next(iter(params.values())).device.type == "cpu":
+        self._on_cpu = next(iter(params.values())).device.type == "cpu"
+        if compile and self._on_cpu:
             model = _unfold_thin_convolutions(model)  # measured on CPU and compiled only: eager got slower
         self.params, self.buffers, self.targets, self.onehot = params, buffers, targets, onehot
         self.n_x = batch_size * math.prod(input_shape)
@@ -183,7 +184,12 @@ class BatchedGradientMatching:
         # torch.compile specialises on the vmapped batch size (marking it dynamic is refused), so the
         # compiled program runs at fixed sizes: powers of two, the running instances padded up to one
         # when they fill enough of it to beat eager mode, eager otherwise. Each size compiles once.
-        self._compiled = torch.compile(self._fn, dynamic=False) if compile else None
+        # on CPU the compiled graph's wrapper is generated as C++ rather than Python (inductor's
+        # cpp_wrapper): measured on the speed benchmark's CPU, 8% less per call at 64 instances and
+        # 10% at 32, and a 128-target stream went from 89.5 to 92.1 attacks/min
+        options = {"cpp_wrapper": True} if self._on_cpu else None
+        self._compiled = torch.compile(self._fn, dynamic=False, options=options) if compile else None
+        self._picked: tuple[torch.Tensor, tuple] | None = None  # (ids, their per-instance tensors)
 
     @property
     def width(self) -> int:
@@ -198,15 +204,25 @@ class BatchedGradientMatching:
             if size > k:  # pad with copies of the first instance; their results are dropped
                 ids = torch.cat([ids, ids[:1].expand(size - k)])
                 rows = torch.cat([rows, rows[:1].expand(size - k, -1)])
+        params, buffers, targets, labels = self._per_instance(ids)
+        grads, values = fn(params, buffers, targets, rows, labels)
+        return values[:k].detach(), grads[:k].detach().contiguous()
+
+    def _per_instance(self, ids: torch.Tensor) -> tuple[dict, dict, list[torch.Tensor], torch.Tensor | None]:
+        """Weights, buffers, targets and labels of the instances ``ids``, gathered once per batch
+        composition: a batch keeps its instances for many ticks, and gathering every target each tick
+        cost 0.6 ms of a 26 ms tick (DLG speed benchmark, 64 instances)."""
+        if self._picked is not None and self._picked[0].shape == ids.shape and torch.equal(self._picked[0], ids):
+            return self._picked[1]
         pick = lambda t: t.index_select(0, ids)  # noqa: E731
         params, buffers = self.params, self.buffers
         if not self.shared_weights:
             params = {n: pick(p) for n, p in params.items()}
             buffers = {n: pick(b) for n, b in buffers.items()}
-        targets = [pick(t) for t in self.targets]
-        labels = pick(self.onehot) if self.onehot is not None else None
-        grads, values = fn(params, buffers, targets, rows, labels)
-        return values[:k].detach(), grads[:k].detach().contiguous()
+        picked = (params, buffers, [pick(t) for t in self.targets],
+                  pick(self.onehot) if self.onehot is not None else None)
+        self._picked = (ids.clone(), picked)
+        return picked
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(dummy inputs (M, N, C, H, W), label logits (M, N, classes) or None) of flat rows."""

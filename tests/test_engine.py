@@ -366,3 +366,24 @@ def test_engine_records_are_deterministic_and_monitored():
     for t in (0, 1):
         assert [s for s, _, _ in seen[t]] == list(range(1, first[t].steps + 1))
         assert all(shape == (1, 1, 8, 8) and lab == (1,) for _, shape, lab in seen[t])
+
+
+def test_the_objective_gathers_per_instance_tensors_again_when_the_batch_changes():
+    """Per-instance targets are gathered once per batch composition and reused while it holds: a
+    refilled or reordered batch must get its own instances' targets, never the previous batch's."""
+    from leakbench.attacks import gradient_matching as gm
+
+    tasks = _tasks(torch.float64, 1, targets=3)  # one model per target: weights are gathered too
+    model = tasks[0].model.eval()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: torch.stack([dict(t.model.named_parameters())[n].detach() for t in tasks]) for n in names}
+    targets = [torch.stack([t.shared[j] for t in tasks]) for j in range(len(names))]
+    build = lambda: gm.BatchedGradientMatching(  # noqa: E731
+        model, params, {}, targets, input_shape=tasks[0].input_shape, batch_size=1, num_classes=10)
+    objective = build()
+    rows = torch.randn(3, objective.width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for ids in ([0, 1], [0, 1], [2, 0], [1], [0, 1]):
+        ids = torch.tensor(ids)
+        values, grads = objective(ids, rows[:len(ids)])
+        fresh_values, fresh_grads = build()(ids, rows[:len(ids)])
+        assert torch.equal(values, fresh_values) and torch.equal(grads, fresh_grads)
