@@ -1,15 +1,12 @@
-"""Adaptive gradient-matching attacks: DLG and iDLG that know the defense's registered name and public
-parameters (``AttackTask.defense_name`` / ``defense_params``), as a leaderboard must assume.
+"""Adaptive gradient-matching attacks: DLG and iDLG that know the defense, as a leaderboard must assume
+(the defense's code and public parameters are known; its randomness is not).
 
-What each one adapts to:
-
-* ``pruning``: the zeroed coordinates carry no information, so only the coordinates that survived (non-zero
-  in the shared update) are matched;
-* ``quantization``: the dummy gradient goes through the same quantiser (fp16, bf16 or per-tensor int8) with a
-  straight-through estimator, so the match happens in the defense's output space;
-* noise (``gaussian-noise``, ``laplacian-noise``) and any other or unknown defense (e.g. a submitted one): the
-  output-space transform is the identity (noise has no deterministic part to invert), so only the generic
-  part applies.
+What each one adapts to is the defense's own description of its deterministic part
+(``Defense.attacker_map``, handed over in ``AttackTask.attacker_map``): the dummy gradient is mapped
+through it before it is compared with the shared update, so the match happens in the defense's output
+space. Pruning describes the coordinates that survived; quantization replays its rounding with a
+straight-through estimator; noise, and a submitted defense that does not opt in, describe the identity.
+No defense is recognised by its name.
 
 The generic part, for every defense: ``restarts`` dummy initialisations times a small sweep of L-BFGS step
 sizes, keeping the run with the lowest final gradient distance. That distance is what the attacker sees;
@@ -18,7 +15,7 @@ the choice never looks at the private data.
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,51 +23,22 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..params import Param
 from ..registry import register_attack
-from ..threat import AttackTask, Monitor, Reconstruction, soft_cross_entropy
+from ..threat import IDENTITY_MAP, AttackerMap, AttackTask, Monitor, Reconstruction, soft_cross_entropy
 from .base import Attack
-from .dlg import _attacker_model, _dummy, analytic_labels
+from .dlg import analytic_labels, attacker_model, dummy_inputs
 from .gradient_matching import LBFGSRun, run_steps
-
-OutputSpace = Callable[[list[torch.Tensor]], list[torch.Tensor]]
-
-
-def _straight_through(g: torch.Tensor, quantised: torch.Tensor) -> torch.Tensor:
-    """The quantised value forward, the identity backward (rounding has no useful derivative)."""
-    return g + (quantised - g).detach()
-
-
-def output_space(task: AttackTask) -> tuple[str, OutputSpace]:
-    """(what was adapted, a differentiable map from a dummy gradient to what the defense would share)."""
-    name, params = task.defense_name, task.defense_params
-    if name == "pruning":
-        masks = [(t != 0).to(t.dtype) for t in task.shared]
-        return "surviving-coordinates", lambda grads: [g * m for g, m in zip(grads, masks)]
-    if name == "quantization":
-        from ..defenses.quantization import FP16_MAX, int8_roundtrip
-
-        fmt = params.get("format")
-        if fmt == "fp16":
-            q = lambda g: g.detach().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(g.dtype)  # noqa: E731
-        elif fmt == "bf16":
-            q = lambda g: g.detach().to(torch.bfloat16).to(g.dtype)  # noqa: E731
-        elif fmt == "int8":
-            q = lambda g: int8_roundtrip(g.detach())  # noqa: E731
-        else:
-            return "identity", lambda grads: grads
-        return f"quantiser-{fmt}-ste", lambda grads: [_straight_through(g, q(g)) for g in grads]
-    return "identity", lambda grads: grads
 
 
 def matched_distance(model: torch.nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
-                     target: list[torch.Tensor], space: OutputSpace) -> torch.Tensor:
+                     target: list[torch.Tensor], space: AttackerMap) -> torch.Tensor:
     """DLG's eq. 4 after mapping the dummy gradient into the defense's output space."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(soft_cross_entropy(model(dummy_x), soft_labels), params, create_graph=True)
-    return sum(((g - t) ** 2).sum() for g, t in zip(space(list(grads)), target))
+    return sum(((g - t) ** 2).sum() for g, t in zip(space.apply(list(grads)), target))
 
 
 class _Adaptive(Attack):
-    adaptive: ClassVar[bool] = True  # marks attacks that read the defense's public parameters
+    adaptive: ClassVar[bool] = True  # marks attacks that use what the threat model reveals of the defense
     label_method: ClassVar[str] = ""
 
     params = (
@@ -97,8 +65,8 @@ class _Adaptive(Attack):
         return None
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
-        adapted, space = output_space(task)
-        model = _attacker_model(task)
+        space = task.attacker_map or IDENTITY_MAP
+        model = attacker_model(task)
         target = [t.detach() for t in task.shared]
         fixed_labels = self._labels(task)
         best: dict | None = None
@@ -107,7 +75,7 @@ class _Adaptive(Attack):
             for lr in self.lr_sweep:
                 # the same dummy for every step size of one restart, a new one per restart
                 g = torch.Generator().manual_seed((task.seed * 1_000_003 + restart) % 2**31)
-                x, logits = _dummy(task, g)
+                x, logits = dummy_inputs(task, g)
                 x.requires_grad_(True)
                 if fixed_labels is None:
                     logits.requires_grad_(True)
@@ -135,7 +103,7 @@ class _Adaptive(Attack):
             monitor(total_steps, best["images"], best["labels"])
         return Reconstruction(best["images"], best["labels"], total_steps, total_evals, best["distance"],
                               best["diverged"], self.label_method,
-                              extra={"adapted_to": adapted, "chosen_restart": best["restart"],
+                              extra={"adapted_to": space.name, "chosen_restart": best["restart"],
                                      "chosen_lr": best["lr"]})
 
 

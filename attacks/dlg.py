@@ -64,7 +64,7 @@ class _GradientMatchingAttack(Attack):
                      monitors=monitors)
 
 
-def _attacker_model(task: AttackTask) -> torch.nn.Module:
+def attacker_model(task: AttackTask) -> torch.nn.Module:
     model = copy.deepcopy(task.model)
     model.eval()
     for p in model.parameters():
@@ -72,7 +72,7 @@ def _attacker_model(task: AttackTask) -> torch.nn.Module:
     return model
 
 
-def _dummy(task: AttackTask, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def dummy_inputs(task: AttackTask, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1, line 2: dummy inputs and label logits ~ N(0, 1)."""
     weight = next(task.model.parameters())
     shape = (task.batch_size, *task.input_shape)
@@ -115,9 +115,9 @@ class DLG(_GradientMatchingAttack):
                     low=1), *_COMMON)
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
-        model = _attacker_model(task)
+        model = attacker_model(task)
         g = torch.Generator().manual_seed(task.seed)
-        x, logits = _dummy(task, g)
+        x, logits = dummy_inputs(task, g)
         x.requires_grad_(True)
         logits.requires_grad_(True)
         target = [t.detach() for t in task.shared]
@@ -142,9 +142,9 @@ class IDLG(_GradientMatchingAttack):
         return "analytic" if task.batch_size == 1 else "analytic-batch-heuristic"
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
-        model = _attacker_model(task)
+        model = attacker_model(task)
         g = torch.Generator().manual_seed(task.seed)
-        x, _ = _dummy(task, g)
+        x, _ = dummy_inputs(task, g)
         x.requires_grad_(True)
         labels = analytic_labels(task).to(x.device)
         onehot = F.one_hot(labels, task.num_classes).float()
@@ -179,9 +179,9 @@ class BatchedDLG(_GradientMatchingAttack):
     cyclic = True
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
-        model = _attacker_model(task)
+        model = attacker_model(task)
         g = torch.Generator().manual_seed(task.seed)
-        x_all, logits_all = _dummy(task, g)
+        x_all, logits_all = dummy_inputs(task, g)
         xs = [x_all[i:i + 1].clone().requires_grad_(True) for i in range(task.batch_size)]
         ls = [logits_all[i:i + 1].clone().requires_grad_(True) for i in range(task.batch_size)]
         target = [t.detach() for t in task.shared]

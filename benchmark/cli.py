@@ -5,11 +5,28 @@ Exit codes: 0 done, 2 bad input (one line naming the key or value and what is al
 from __future__ import annotations
 
 import argparse
-import os
+import fnmatch
+import json
 import sys
+import time
 from pathlib import Path
 
+import torch
+import yaml
+
+from .catalog import load_all
+from .data import resolve_data_dir
 from .errors import ConfigError
+from .leaderboard.publish import render_boards
+from .leaderboard.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLimits
+from .leaderboard.submit import submit
+from .leaderboard.verify import verify_entries
+from .registry import LISTED
+from .run.executors import available_cores, make_executor
+from .run.grid import builtin_grids, load_grid
+from .run.report import render
+from .run.runner import Runner, RunOptions
+from .version import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_BOARD_PROTOCOL = "v1-smoke"
@@ -29,8 +46,6 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="leakbench", description="Gradient-leakage attacks against defenses: "
                      "accuracy-vs-defendability tables.")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"leakbench {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -58,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="show what is registered")
     lst.add_argument("kind", nargs="?", default="all",
-                     choices=["all", "attacks", "defenses", "datasets", "models", "metrics", "grids"])
+                     choices=["all", *LISTED, "grids"])
     lst.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'dlg*'")
 
     board = sub.add_parser("leaderboard", help="render the leaderboards (Markdown and HTML), or verify entries",
@@ -99,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> str:
-    import torch
+def _data_dir(option: str | None) -> str | None:
+    """``--data-dir``, else ``$LEAKBENCH_DATA_DIR`` (``data.resolve_data_dir``): a folder, or a one-line error."""
+    path = resolve_data_dir(option)
+    if path is not None and not path.is_dir():
+        raise ConfigError(f"--data-dir {str(path)!r} is not a folder")
+    return str(path) if path is not None else None
 
+
+def _device(name: str) -> str:
     if name == "cpu":
         return name
     if name.startswith("cuda"):
@@ -112,13 +133,6 @@ def _device(name: str) -> str:
 
 
 def cmd_run(args) -> int:
-    import torch
-
-    from .executors import make_executor
-    from .grid import load_grid
-    from .report import render
-    from .runner import RunOptions, Runner
-
     grid = load_grid(args.grid)  # everything is validated before any file is written
     if args.seed is not None:
         if args.seed < 0:
@@ -132,13 +146,9 @@ def cmd_run(args) -> int:
         torch.set_num_threads(args.threads)
     workers = args.workers
     if workers is None:  # a process pool by default: one worker per core, never more than cells
-        from .executors import available_cores
-
         workers = max(1, min(available_cores(), len(grid.cells())))
     executor = make_executor(args.executor, workers, args.threads, args.ray_address)
-    data_dir = args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR")
-    if data_dir and not Path(data_dir).is_dir():
-        raise ConfigError(f"--data-dir {data_dir!r} is not a folder")
+    data_dir = _data_dir(args.data_dir)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
@@ -155,15 +165,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .grid import load_grid
-
     grid = load_grid(args.grid)
     cells = grid.cells()
     parts = [f"{g.name}: {len(g.attacks)} attacks x {len(g.defenses)} defense settings x {len(g.datasets)} "
              f"datasets x {len(g.models)} models x {len(g.seeds)} seeds" for g in grid.all_grids()]
     print(f"grid {grid.name!r} is valid: {len(cells)} cells ({'; '.join(parts)})")
-    from .runner import RunOptions, Runner
-
     jobs = Runner(grid, RunOptions(out_dir=Path("."))).jobs(cells)  # reads the grid only, writes nothing
     programs = [j for j in jobs if len(j.cells) > 1]
     print(f"{len(jobs)} jobs: {len(programs)} engine programs of several cells "
@@ -172,8 +178,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import render
-
     path = Path(args.dir)
     if not (path / "results.jsonl").is_file():
         raise ConfigError(f"{str(path / 'results.jsonl')!r} does not exist; allowed: a folder written by `leakbench run`")
@@ -182,13 +186,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .grid import builtin_grids
-    from .registry import REGISTRIES, _ensure_builtins
-
-    _ensure_builtins()
-    kinds = list(REGISTRIES) + ["grids"] if args.kind == "all" else [args.kind]
-    import fnmatch
-
+    load_all()
+    kinds = list(LISTED) + ["grids"] if args.kind == "all" else [args.kind]
     for kind in kinds:
         if kind == "grids":
             names = [n for n in builtin_grids() if fnmatch.fnmatchcase(n, args.pattern)]
@@ -196,7 +195,7 @@ def cmd_list(args) -> int:
             for n in names:
                 print(f"  {n}")
             continue
-        reg = REGISTRIES[kind]
+        reg = LISTED[kind]
         print(f"{kind}:")
         for name in reg.list(args.pattern):
             cls = reg.get(name)
@@ -214,18 +213,14 @@ def cmd_leaderboard(args) -> int:
         action = entries.pop(0)
     root = Path(args.root)
     if action == "verify":
-        # imported only when asked: it runs the protocol; with no ENTRY it verifies the whole board
-        from .board_protocol import verify_entries
-
+        # with no ENTRY it verifies the whole board
         return verify_entries([Path(e) for e in entries], root=root, protocol=args.protocol or DEFAULT_BOARD_PROTOCOL,
-                              data_dir=args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR"))
+                              data_dir=_data_dir(args.data_dir))
     if entries:
         raise ConfigError(f"leaderboard render takes no ENTRY ({entries[0]!r}); it renders every entry under "
                           f"--root; allowed: render, verify ENTRY ...")
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--root {str(root)!r} is not a folder")
-    from .board import render_boards
-
     written = render_boards(root, protocols=[args.protocol] if args.protocol else None)
     print("; ".join(f"{kind}: {path}" for kind, path in written.items()))
     return EXIT_OK
@@ -233,8 +228,6 @@ def cmd_leaderboard(args) -> int:
 
 def _key_values(pairs: list[str], option: str) -> dict:
     """``k=v`` pairs with YAML values (1e-3, true, [1, 2]); a one-line ConfigError for anything else."""
-    import yaml
-
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -248,14 +241,6 @@ def _key_values(pairs: list[str], option: str) -> dict:
 
 
 def cmd_submit(args) -> int:
-    import json
-    import time
-
-    import torch
-
-    from .board_protocol import submit
-    from .submission import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLimits
-
     if args.smoke and args.protocol not in (None, "v1-smoke"):
         raise ConfigError(f"--smoke conflicts with --protocol {args.protocol}; allowed: one of them")
     protocol = "v1-smoke" if args.smoke else (args.protocol or DEFAULT_BOARD_PROTOCOL)
@@ -270,9 +255,7 @@ def cmd_submit(args) -> int:
     reported.update(_key_values(args.reported, "--reported"))
     limits = SandboxLimits(timeout_s=args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S,
                            memory_mb=args.memory_mb if args.memory_mb is not None else DEFAULT_MEMORY_MB)
-    data_dir = args.data_dir or os.environ.get("LEAKBENCH_DATA_DIR")
-    if data_dir and not Path(data_dir).is_dir():
-        raise ConfigError(f"--data-dir {data_dir!r} is not a folder")
+    data_dir = _data_dir(args.data_dir)
     torch.set_num_threads(1)  # the protocol's models are tiny: one thread is fastest and reproducible
     started = time.perf_counter()
     print(f"leakbench submit: {args.spec} as {args.name!r} under protocol {protocol}", file=sys.stderr)

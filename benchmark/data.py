@@ -101,6 +101,8 @@ class Dataset(Component):
         Param("grayscale", bool, False, "convert RGB images to one channel"),
     )
     num_classes: ClassVar[int] = 0
+    #: what a sample is; the report draws a dataset's samples with the figure of its modality
+    modality: ClassVar[str] = "image"
     hub_id: ClassVar[str | None] = None  # Hugging Face hub id
     hub_config: ClassVar[str | None] = None
     hub_image_column: ClassVar[str] = "image"

@@ -6,13 +6,16 @@ A plugin package declares, in its pyproject.toml::
     [project.entry-points."leakbench.defenses"]
     my-defense = "my_pkg.module:MyDefense"
 
-and the class is registered under the entry point's name (the same for ``leakbench.attacks``).
+and the class is registered under the entry point's name (the same for ``leakbench.attacks`` and, for
+a new kind of grid cell, ``leakbench.cells``).
 """
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-GROUPS = {"leakbench.attacks": "attacks", "leakbench.defenses": "defenses"}
+from .registry import LISTED
+
+GROUPS = {"leakbench.attacks": "attacks", "leakbench.defenses": "defenses", "leakbench.cells": "cells"}
 _loaded = False
 
 
@@ -21,10 +24,8 @@ def load_entry_point_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    from .registry import REGISTRIES
-
     for group, kind in GROUPS.items():
         for ep in entry_points(group=group):
-            registry = REGISTRIES[kind]
+            registry = LISTED[kind]
             if ep.name not in registry:
                 registry.add(ep.name, ep.load())

@@ -1,15 +1,15 @@
-"""One generic typed registry for every kind of component (attacks, defenses, datasets, models, metrics).
+"""One generic typed registry for every kind of component (attacks, defenses, datasets, models, metrics,
+kinds of grid cell).
 
 Borrowed shapes: timm's ``@register_model`` / ``list_models("resnet*")`` and Gymnasium's unknown-name
 errors that suggest the closest registered name.
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import ConfigError, UnknownNameError
+from .errors import ConfigError, UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 
@@ -52,9 +52,7 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         known = sorted(self._entries)
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(known) or '(none)'}"
+        return f"unknown {self.kind} {name!r}.{did_you_mean(name, known)} Available: {', '.join(known) or '(none)'}"
 
     def list(self, pattern: str = "*") -> list[str]:
         """Registered names matching a shell-style wildcard, sorted."""
@@ -86,6 +84,7 @@ DEFENSES: Registry = Registry("defense")
 DATASETS: Registry = Registry("dataset")
 MODELS: Registry = Registry("model")
 METRICS: Registry = Registry("metric")
+CELL_KINDS: Registry = Registry("cell kind")  # how a grid runs an attack's setting (leakbench.cells)
 
 REGISTRIES: dict[str, Registry] = {
     "attacks": ATTACKS,
@@ -94,46 +93,12 @@ REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
     "metrics": METRICS,
 }
+# everything `leakbench list` shows: the components (built with parameters) and the kinds of cell
+LISTED: dict[str, Registry] = {**REGISTRIES, "cells": CELL_KINDS}
 
 register_attack = ATTACKS.register
 register_defense = DEFENSES.register
 register_dataset = DATASETS.register
 register_model = MODELS.register
 register_metric = METRICS.register
-
-
-def _ensure_builtins() -> None:
-    # Importing the plugin packages runs their @register_* decorators.
-    from . import attacks as _attacks  # noqa: F401
-    from . import defenses as _defenses  # noqa: F401
-    from . import data as _data  # noqa: F401
-    from . import models as _models  # noqa: F401
-    from . import metrics as _metrics  # noqa: F401
-    from .plugins import load_entry_point_plugins
-
-    load_entry_point_plugins()
-
-
-def list_attacks(pattern: str = "*") -> list[str]:
-    _ensure_builtins()
-    return ATTACKS.list(pattern)
-
-
-def list_defenses(pattern: str = "*") -> list[str]:
-    _ensure_builtins()
-    return DEFENSES.list(pattern)
-
-
-def list_datasets(pattern: str = "*") -> list[str]:
-    _ensure_builtins()
-    return DATASETS.list(pattern)
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    _ensure_builtins()
-    return MODELS.list(pattern)
-
-
-def list_metrics(pattern: str = "*") -> list[str]:
-    _ensure_builtins()
-    return METRICS.list(pattern)
+register_cell_kind = CELL_KINDS.register

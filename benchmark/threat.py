@@ -24,6 +24,26 @@ def parameter_gradients(model: nn.Module, x: torch.Tensor, soft_labels: torch.Te
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
 
+@dataclass(frozen=True)
+class AttackerMap:
+    """The deterministic part of a defense, as an attacker who knows the defense's code can replay it on
+    a would-be update: a differentiable map from a dummy update to what the defense would share
+    (straight-through where the defense is not differentiable). Randomness (noise) is not part of it.
+    ``Defense.attacker_map`` builds it; adaptive attacks match their dummy update through it."""
+
+    name: str
+    apply: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+IDENTITY_MAP = AttackerMap("identity", lambda update: update)
+
+
+def straight_through(value: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
+    """``replayed`` forward, the identity backward (BPDA, Athalye et al. 2018): rounding and other
+    non-differentiable steps have no useful derivative."""
+    return value + (replayed - value).detach()
+
+
 @dataclass
 class AttackTask:
     """Everything an attacker is given for one attacked update (and nothing about the private batch)."""
@@ -37,6 +57,8 @@ class AttackTask:
     labels: torch.Tensor | None = None    # given only when the threat model says labels are known
     defense_params: dict[str, Any] = field(default_factory=dict)  # public parameters of the defense
     defense_name: str = ""              # registered name of the defense (public, like its parameters)
+    # what an adaptive attacker can replay of the defense (its code is public, its randomness is not)
+    attacker_map: "AttackerMap | None" = None
     seed: int = 0
 
     def knowledge(self) -> dict[str, Any]:

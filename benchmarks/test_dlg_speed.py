@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from leakbench.attacks.gradient_matching import BatchedGradientMatching
 from leakbench.data import load
-from leakbench.metrics import score_reconstruction
 from leakbench.models import build_model
 from leakbench.registry import ATTACKS, DEFENSES
+from leakbench.scoring.reconstruction import score_reconstruction
 from leakbench.threat import AttackTask
 
 # the reference loop's targets: 16 (about 4 minutes), so that its success rate is not a guess from a

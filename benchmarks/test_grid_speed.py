@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leakbench.executors import available_cores, make_executor
-from leakbench.grid import load_grid, parse_grid
-from leakbench.runner import RunOptions, Runner
+from leakbench.run.executors import available_cores, make_executor
+from leakbench.run.grid import load_grid, parse_grid
+from leakbench.run.runner import Runner, RunOptions
 
 QUICK_GRID_TARGET_SECONDS = 5 * 60
 THREADS_PER_WORKER = 1

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..params import Component
-from ..threat import parameter_gradients
+from ..threat import IDENTITY_MAP, AttackerMap, parameter_gradients, straight_through
+from ..training import train_with_defense
 
 
 class Defense(Component):
@@ -20,6 +21,9 @@ class Defense(Component):
 
     #: families group settings in tables ("noise", "sparsification", "quantization", ...)
     family: ClassVar[str] = "other"
+    #: ``transform`` draws no randomness, so an attacker who knows the code may replay it on a would-be
+    #: update (straight-through where it is not differentiable); a submitted defense may opt in
+    replayable_transform: ClassVar[bool] = False
 
     def victim_batch_size(self, default: int) -> int:
         """The batch size the victim trains with (``large-batch`` changes it)."""
@@ -40,13 +44,25 @@ class Defense(Component):
         return self.transform(self.compute_update(model, x, soft_labels, generator=generator),
                               generator=generator)
 
+    def attacker_map(self, shared: list[torch.Tensor]) -> AttackerMap:
+        """What an adaptive attacker can replay of this defense, given the update as shared: by default
+        ``transform`` itself with straight-through gradients when it is replayable, else the identity
+        (noise has no deterministic part). Defenses with a better view override this (pruning: the
+        coordinates that survived). Adaptive attacks use this, never a defense's name."""
+        if not self.replayable_transform:
+            return IDENTITY_MAP
+
+        def replay(update: list[torch.Tensor]) -> list[torch.Tensor]:
+            replayed = self.transform([u.detach() for u in update])
+            return [straight_through(u, r) for u, r in zip(update, replayed)]
+
+        return AttackerMap(f"{self.label()} replayed, straight-through", replay)
+
     def accuracy_run(self, *, model: nn.Module, train, test, config, seed: int) -> dict[str, Any]:
         """The accuracy column for this setting: by default, train ``model`` on ``train`` with every
         step's update passed through this defense, then test. Defenses that live inside another
         protocol (e.g. distributed selective SGD) override this to run that protocol instead.
         Returns at least ``{"accuracy": float}``."""
-        from ..training import train_with_defense
-
         return train_with_defense(model, self, train, test, config, seed=seed)
 
     def privacy(self, *, steps: int, sample_rate: float) -> dict[str, Any]:

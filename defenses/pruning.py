@@ -5,6 +5,7 @@ import torch
 
 from ..params import Param
 from ..registry import register_defense
+from ..threat import AttackerMap
 from .base import Defense
 
 
@@ -30,6 +31,12 @@ class GradientPruning(Defense):
         Param("scope", str, "layer", "threshold per parameter tensor or over all of them",
               choices=("layer", "global")),
     )
+
+    def attacker_map(self, shared):
+        """The zeroed coordinates carry no information: only those that survived (non-zero in the shared
+        update) are matched."""
+        masks = [(t != 0).to(t.dtype) for t in shared]
+        return AttackerMap("surviving-coordinates", lambda update: [u * m for u, m in zip(update, masks)])
 
     def transform(self, update, *, generator=None):
         if self.scope == "layer":

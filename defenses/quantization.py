@@ -28,6 +28,7 @@ class Quantization(Defense):
     see); bf16 has float32's range; int8 is per-tensor symmetric (see ``int8_roundtrip``)."""
 
     family = "quantization"
+    replayable_transform = True  # rounding is deterministic: adaptive attacks match through it (straight-through)
     params = (Param("format", str, "fp16", "number format of the shared update", choices=("fp16", "bf16", "int8")),)
 
     def transform(self, update, *, generator=None):

@@ -44,7 +44,7 @@ def gan_digits():
     """The embedded digits as the GAN tests use them (32x32 in [-1, 1]): the participants' pool, the
     test split, and an oracle trained on a stratified 30% of the training split no participant gets."""
     from leakbench.data import load
-    from leakbench.leak_scores import holdout_split, train_oracle
+    from leakbench.scoring.oracle import holdout_split, train_oracle
 
     train = load("digits", "train", image_size=32, scale="[-1,1]")
     test = load("digits", "test", image_size=32, scale="[-1,1]")

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from leakbench.attacks.dlg import analytic_labels
+from leakbench.cells.gradient import CONVERGED_MSE
 from leakbench.data import load
-from leakbench.metrics import score_reconstruction
 from leakbench.models import build_model
 from leakbench.registry import ATTACKS, DEFENSES
-from leakbench.runner import CONVERGED_MSE
+from leakbench.scoring.reconstruction import score_reconstruction
 from leakbench.threat import AttackTask
 
 GRADIENT_ATTACKS = [n for n in ATTACKS.list() if ATTACKS.get(n).setting == "gradient"]

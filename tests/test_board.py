@@ -1,28 +1,20 @@
 """The leaderboard's entry schema, its ranking rule and Pareto front, the Markdown board, and the
-`leakbench leaderboard` command (render; verify is dispatched to board_protocol)."""
+`leakbench leaderboard` command (render; verify is dispatched to leaderboard.verify)."""
 from __future__ import annotations
 
 import importlib.util
 import itertools
 import json
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
-from leakbench.board import (
-    RANKING_RULE,
-    Entry,
-    load_board,
-    load_entry,
-    pareto,
-    rank,
-    render_markdown,
-    validate_entry,
-)
+
 from leakbench.cli import main
 from leakbench.errors import ConfigError
+from leakbench.leaderboard.markdown import render_markdown
+from leakbench.leaderboard.ranking import RANKING_RULE, pareto, rank
+from leakbench.leaderboard.schema import Entry, load_board, load_entry, validate_entry
 
 _spec = importlib.util.spec_from_file_location("_board_fixtures", Path(__file__).with_name("_board_fixtures.py"))
 fx = importlib.util.module_from_spec(_spec)
@@ -248,20 +240,23 @@ def test_leaderboard_render_with_a_bad_entry_writes_nothing(tmp_path, capsys):
     assert main(["leaderboard", "render", str(path), "--root", str(tmp_path)]) == 2  # render takes no ENTRY
 
 
-def test_leaderboard_verify_dispatches_to_board_protocol(tmp_path, monkeypatch):
+def test_leaderboard_verify_dispatches_to_leaderboard_verify(tmp_path, monkeypatch):
     calls = []
 
     def verify_entries(paths, *, root, protocol, data_dir):
         calls.append((paths, root, protocol, data_dir))
         return 3
 
-    monkeypatch.setitem(sys.modules, "leakbench.board_protocol", types.SimpleNamespace(verify_entries=verify_entries))
+    monkeypatch.setattr("leakbench.cli.verify_entries", verify_entries)
     monkeypatch.delenv("LEAKBENCH_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # the mirrors must be folders (a missing one is bad input)
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "env-mirror").mkdir()
     code = main(["leaderboard", "verify", "a.json", "b.json", "--root", str(tmp_path), "--protocol", "v1",
                  "--data-dir", "mirror"])
     assert code == 3
     assert calls == [([Path("a.json"), Path("b.json")], tmp_path, "v1", "mirror")]
-    # no ENTRY: board_protocol verifies the whole board of the (default) protocol
+    # no ENTRY: it verifies the whole board of the (default) protocol
     monkeypatch.setenv("LEAKBENCH_DATA_DIR", "env-mirror")
     assert main(["leaderboard", "verify"]) == 3
     assert calls[-1] == ([], Path("leaderboards"), "v1-smoke", "env-mirror")

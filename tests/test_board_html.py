@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from leakbench.board import load_board, pareto, rank, render_boards
-from leakbench.board_html import render_html
+
+from leakbench.leaderboard.html import render_html
+from leakbench.leaderboard.publish import render_boards
+from leakbench.leaderboard.ranking import pareto, rank
+from leakbench.leaderboard.schema import load_board
 
 _spec = importlib.util.spec_from_file_location("_board_fixtures", Path(__file__).with_name("_board_fixtures.py"))
 fx = importlib.util.module_from_spec(_spec)

@@ -7,15 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leakbench.attacks.adaptive import matched_distance, output_space
-from leakbench.board_protocol import load_protocol, protocols, submit, verify_entries
+from leakbench.attacks.adaptive import matched_distance
 from leakbench.data import load
 from leakbench.errors import ConfigError
-from leakbench.grid import load_grid
-from leakbench.metrics import score_reconstruction
+from leakbench.leaderboard.protocol import load_protocol, protocols
+from leakbench.leaderboard.submit import submit
+from leakbench.leaderboard.verify import verify_entries
 from leakbench.models import build_model
 from leakbench.registry import ATTACKS, DEFENSES
-from leakbench.threat import AttackTask
+from leakbench.run.grid import load_grid
+from leakbench.scoring.reconstruction import score_reconstruction
+from leakbench.threat import IDENTITY_MAP, AttackTask
 
 TINY = {
     "datasets": [{"name": "digits", "params": {"image_size": 8}}],
@@ -31,13 +33,14 @@ def digits8():
     return load("digits", "test", image_size=8)
 
 
-def pruned_task(data, *, ratio: float, index: int = 0, name: str = "pruning") -> tuple[AttackTask, torch.Tensor]:
+def pruned_task(data, *, ratio: float, index: int = 0) -> tuple[AttackTask, torch.Tensor]:
     x, y = data.images[index:index + 1], data.labels[index:index + 1]
     model = build_model("lenet-zhu", data.shape, data.num_classes, seed=index)
     defense = DEFENSES.build("pruning", {"ratio": ratio})
     shared = defense.share(model, x, F.one_hot(y, data.num_classes).float(), generator=torch.Generator().manual_seed(0))
     return AttackTask(model=model, shared=shared, input_shape=data.shape, num_classes=data.num_classes, batch_size=1,
-                      seed=index, defense_params=defense.get_params(), defense_name=name), x
+                      seed=index, defense_params=defense.get_params(), defense_name="pruning",
+                      attacker_map=defense.attacker_map(shared)), x
 
 
 def test_shipped_protocols_state_what_the_issue_asks():
@@ -82,8 +85,9 @@ def test_protocols_add_model_inversion_everywhere_and_the_gan_attack_on_the_gpu_
 
 
 def test_an_attack_in_two_cells_of_a_protocol_is_refused():
-    from leakbench.board_protocol import Measured, build_entry
-    from leakbench.submission import DefenseSource
+    from leakbench.leaderboard.build import build_entry
+    from leakbench.leaderboard.protocol import Measured
+    from leakbench.leaderboard.sandbox import DefenseSource
 
     record = {"attack": "dlg", "threat": {"setting": "gradient"}, "targets": 2, "accuracy": 0.9,
               "metrics": {"leak_rate": 0.5, "psnr_median": 20.0, "ssim_median": 0.6}}
@@ -97,10 +101,10 @@ def test_an_attack_in_two_cells_of_a_protocol_is_refused():
 
 def test_pruning_adaptation_matches_exactly_the_surviving_coordinates(digits8):
     task, _ = pruned_task(digits8, ratio=0.7)
-    adapted, space = output_space(task)
-    assert adapted == "surviving-coordinates"
+    space = task.attacker_map
+    assert space.name == "surviving-coordinates"
     grads = [torch.randn_like(t) for t in task.shared]
-    for g, mapped, t in zip(grads, space(grads), task.shared):
+    for g, mapped, t in zip(grads, space.apply(grads), task.shared):
         assert torch.equal(mapped[t == 0], torch.zeros_like(mapped[t == 0]))
         assert torch.equal(mapped[t != 0], g[t != 0])
     # the objective is the distance over the surviving coordinates only
@@ -114,18 +118,18 @@ def test_pruning_adaptation_matches_exactly_the_surviving_coordinates(digits8):
     expected = sum((((d - t) * (t != 0)) ** 2).sum() for d, t in zip(dummy, task.shared))
     distance = float(matched_distance(model, x, soft, task.shared, space).detach())
     assert distance == pytest.approx(float(expected), rel=1e-5)
-    # a defense with an unknown name (e.g. a submission) gets the identity: restarts and sweep only
-    assert output_space(pruned_task(digits8, ratio=0.7, name="submitted:x")[0])[0] == "identity"
+    # a defense that describes no deterministic part (noise, or a submission that does not opt in) gets
+    # the identity: restarts and sweep only; the attack reads no defense name
+    assert DEFENSES.build("gaussian-noise", {"variance": 1e-3}).attacker_map(task.shared) is IDENTITY_MAP
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "bf16", "int8"])
 def test_quantization_adaptation_uses_the_defense_quantiser_with_a_straight_through_gradient(digits8, fmt):
     task, _ = pruned_task(digits8, ratio=0.0)
-    task.defense_name, task.defense_params = "quantization", {"format": fmt}
-    adapted, space = output_space(task)
-    assert adapted == f"quantiser-{fmt}-ste"
+    space = DEFENSES.build("quantization", {"format": fmt}).attacker_map(task.shared)
+    assert space.name == f"quantization(format={fmt}) replayed, straight-through"
     grads = [torch.randn_like(t).requires_grad_(True) for t in task.shared]
-    mapped = space(grads)
+    mapped = space.apply(grads)
     expected = DEFENSES.build("quantization", {"format": fmt}).transform([g.detach() for g in grads])
     assert all(torch.equal(m.detach(), e) for m, e in zip(mapped, expected))
     sum(m.sum() for m in mapped).backward()
@@ -147,7 +151,8 @@ def test_adaptive_attack_beats_the_fixed_one_on_heavy_pruning(digits8):
 def test_adaptive_attack_keeps_the_run_with_the_lowest_gradient_distance(digits8):
     """The search's answer is at least as good, by the attacker-visible gradient distance, as each of its
     single runs (restart 0 at each step size is the same dummy as a one-restart search)."""
-    task, _ = pruned_task(digits8, ratio=0.0, name="none")
+    task, _ = pruned_task(digits8, ratio=0.0)
+    task.attacker_map = None  # as for `none`: nothing to adapt to
     rec = ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 2, "lr_sweep": [1.0, 0.1]}).run([task])[0]
     singles = [ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 1, "lr_sweep": [lr]}).run([task])[0]
                for lr in (1.0, 0.1)]

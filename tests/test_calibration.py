@@ -3,8 +3,8 @@ Gaussian noise of variance 1e-4 and 1e-3 does not defend, 1e-2 and 1e-1 do, fp16
 accuracy column moves the same way (noise costs accuracy, fp16 costs none)."""
 import pytest
 
-from leakbench.grid import load_grid, parse_grid
-from leakbench.runner import RunOptions, Runner
+from leakbench.run.grid import load_grid, parse_grid
+from leakbench.run.runner import Runner, RunOptions
 
 PAPER_VERDICTS = {  # Table 3: True = defends (✓), False = fails to defend (✗)
     "gaussian-noise(variance=0.0001)": False,

@@ -51,8 +51,8 @@ def test_decoded_mirror_splits_are_cached_on_disk_and_redecoded_when_the_file_ch
     """Every worker needs the decoded split: the runner decodes a mirror file once, later runners read
     the cache (same tensors), and a changed file is decoded again."""
     from leakbench import data as data_module
-    from leakbench.grid import parse_grid
-    from leakbench.runner import RunOptions, Runner
+    from leakbench.run.grid import parse_grid
+    from leakbench.run.runner import Runner, RunOptions
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)

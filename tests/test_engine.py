@@ -52,9 +52,9 @@ def _torch_lbfgs(f, i, x0, *, steps, **kw):
 
 
 def _native_kernel():
-    from leakbench.attacks.native import lbfgs_kernel
-
     from torch.utils.cpp_extension import is_ninja_available
+
+    from leakbench.attacks.native import lbfgs_kernel
 
     if (shutil.which("c++") is None and shutil.which("g++") is None) or not is_ninja_available():
         pytest.skip("the native kernel needs a C++ compiler and ninja (torch's extension builder)")

@@ -13,8 +13,9 @@ from leakbench.attacks.gan import DCGANGenerator, GanAdversary
 from leakbench.collab import ProtocolConfig
 from leakbench.data import load
 from leakbench.errors import ConfigError
-from leakbench.leak_scores import LeakRule, save_image_grid, score_samples, train_oracle
 from leakbench.registry import ATTACKS, DEFENSES
+from leakbench.scoring.class_leak import LeakRule, save_image_grid, score_samples
+from leakbench.scoring.oracle import train_oracle
 
 TARGET = 3
 FAST = {"target_class": TARGET, "generator_width": 16}

@@ -7,7 +7,7 @@ import yaml
 
 from leakbench.cli import main
 from leakbench.errors import ConfigError
-from leakbench.grid import builtin_grids, load_grid
+from leakbench.run.grid import builtin_grids, load_grid
 
 TINY = {
     "name": "tiny",

@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-from leakbench.grid import load_grid
-from leakbench.leak_scores import calibrate_min_ssim, pairwise_ssim, score_samples
-from leakbench.metrics import METRICS
-from leakbench.runner import Runner, RunOptions
+from leakbench.registry import METRICS
+from leakbench.run.grid import load_grid
+from leakbench.run.runner import Runner, RunOptions
+from leakbench.scoring.class_leak import calibrate_min_ssim, score_samples
+from leakbench.scoring.ssim import pairwise_ssim
 from leakbench.training import evaluate
 
 TARGET = 3

@@ -49,7 +49,7 @@ def test_built_wheel_is_complete_and_runs_from_a_clean_location(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, cwd=tmp_path)
-    code = ("import leakbench, sys; from leakbench.grid import load_grid; "
+    code = ("import leakbench, sys; from leakbench.run.grid import load_grid; "
             "print(leakbench.__file__); print(len(load_grid('quick').cells())); print(','.join(leakbench.list_attacks()))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from leakbench.errors import ConfigError
-from leakbench.metrics import RecognisabilityRule, match_reconstructions, score_reconstruction
 from leakbench.registry import METRICS
+from leakbench.scoring.reconstruction import RecognisabilityRule, match_reconstructions, score_reconstruction
 
 
 def test_metrics_declare_direction_and_accumulate():

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from leakbench.cli import main
-from leakbench.executors import RayExecutor
-from leakbench.grid import parse_grid
-from leakbench.report import render
-from leakbench.results import ResultsStore
-from leakbench.runner import RunOptions, Runner
+from leakbench.run.executors import RayExecutor
+from leakbench.run.grid import parse_grid
+from leakbench.run.report import render
+from leakbench.run.results import ResultsStore
+from leakbench.run.runner import Runner, RunOptions
 
 # 2 attacks x 3 defense settings on 8x8 digits: seconds per cell, so the fixed cost of starting
 # workers dominates; what is checked is that where a cell runs does not change its numbers.
@@ -104,7 +104,7 @@ def test_killed_two_worker_run_resumes_to_the_serial_results(tmp_path, tiny_grid
 _COMPUTE_ONCE_CHILD = """
 import json, os, sys, time
 from pathlib import Path
-from leakbench.results import atomic_write_text, computed_once
+from leakbench.storage import atomic_write_text, computed_once
 
 cache, log, ready, children = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 (ready / str(os.getpid())).touch()
@@ -139,7 +139,7 @@ def test_shared_work_is_computed_once_across_processes(tmp_path):
 
 def test_oracles_are_cached_on_disk(tmp_path, monkeypatch):
     """A second runner (a fresh worker, or a resumed run) reads the oracle instead of training it."""
-    from leakbench import collab_cells
+    from leakbench.cells import class_representatives as collab_cells
 
     grid = parse_grid({
         "datasets": [{"name": "digits", "params": {"image_size": 16, "scale": "[-1,1]"}}],
@@ -150,14 +150,14 @@ def test_oracles_are_cached_on_disk(tmp_path, monkeypatch):
     })
     cell = grid.cells()[0]
     options = RunOptions(out_dir=tmp_path, progress=False)
-    pool, trained = collab_cells.participants_pool_and_oracle(Runner(grid, options), cell)
+    pool, trained = collab_cells.participants_pool_and_oracle(Runner(grid, options).context, cell)
 
     @functools.wraps(collab_cells.train_oracle)  # the same signature: its defaults are part of the cache key
     def no_training(*args, **kwargs):
         raise AssertionError("the oracle was trained again")
 
     monkeypatch.setattr(collab_cells, "train_oracle", no_training)
-    pool_again, loaded = collab_cells.participants_pool_and_oracle(Runner(grid, options), cell)
+    pool_again, loaded = collab_cells.participants_pool_and_oracle(Runner(grid, options).context, cell)
     assert torch.equal(pool_again.labels, pool.labels)
     probe = pool.images[:32]
     assert torch.equal(loaded.probabilities(probe), trained.probabilities(probe))
@@ -238,7 +238,7 @@ def test_computed_once_without_waiting_skips_an_entry_another_process_computes(t
 
     from filelock import FileLock
 
-    from leakbench.results import atomic_write_text, computed_once
+    from leakbench.storage import atomic_write_text, computed_once
 
     path, calls = tmp_path / "entry.json", []
 

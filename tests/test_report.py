@@ -1,6 +1,7 @@
 """The table logic on hand-made records: pooling over seeds, the verdict, and 'no verdict' when the
 attack fails even against the undefended baseline."""
-from leakbench.report import DEFENDED, LEAKS, NO_VERDICT, defendability_table
+from leakbench.run.figures import DEFENDED, LEAKS, NO_VERDICT
+from leakbench.run.report import defendability_table
 
 
 def record(attack, defense, family, leak_rate, *, seed=0, accuracy=0.9, psnr=20.0):

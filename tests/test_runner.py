@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from leakbench.cli import main
-from leakbench.results import ResultsStore
+from leakbench.run.results import ResultsStore
 
 TINY = {
     "name": "tiny",
@@ -106,8 +106,8 @@ def test_rerunning_a_finished_grid_runs_nothing(tmp_path, tiny_grid):
 
 def test_models_with_an_extra_output_run_through_a_grid(tmp_path):
     """The Hitaj models carry an artificial class (classes + 1 outputs): labels are sized to the model."""
-    from leakbench.grid import parse_grid
-    from leakbench.runner import RunOptions, Runner
+    from leakbench.run.grid import parse_grid
+    from leakbench.run.runner import Runner, RunOptions
 
     grid = parse_grid({
         "datasets": [{"name": "digits", "params": {"image_size": 28}}],
@@ -125,9 +125,9 @@ def test_models_with_an_extra_output_run_through_a_grid(tmp_path):
 def test_collaborative_attack_cells_run_through_a_grid(tmp_path):
     """A GAN attack in a grid: the protocol runs with the adversary in it, the samples are scored by the
     held-out oracle and nearest neighbours, and the row joins the same table as the gradient attacks."""
-    from leakbench.grid import parse_grid
-    from leakbench.report import render
-    from leakbench.runner import RunOptions, Runner
+    from leakbench.run.grid import parse_grid
+    from leakbench.run.report import render
+    from leakbench.run.runner import Runner, RunOptions
 
     grid = parse_grid({
         "datasets": [{"name": "digits", "params": {"image_size": 32, "scale": "[-1,1]"},
@@ -173,8 +173,8 @@ PROGRAM = {
 
 def _run_counting_engine_calls(tmp_path, monkeypatch, grid: dict, name: str):
     from leakbench.attacks.dlg import DLG
-    from leakbench.grid import parse_grid
-    from leakbench.runner import RunOptions, Runner
+    from leakbench.run.grid import parse_grid
+    from leakbench.run.runner import Runner, RunOptions
 
     calls, real = [], DLG.run
     monkeypatch.setattr(DLG, "run", lambda self, tasks, **kw: calls.append(len(tasks)) or real(self, tasks, **kw))
@@ -231,9 +231,9 @@ def test_batch_cells_must_be_a_boolean(tmp_path, capsys):
 def test_large_groups_are_cut_into_programs_fixed_by_the_grid(tmp_path, monkeypatch):
     """Programs hold at most MAX_PROGRAM_TARGETS targets, cut in grid order whatever is pending, and a
     pending cell's job is its whole program."""
-    from leakbench import runner as runner_module
-    from leakbench.grid import parse_grid
-    from leakbench.runner import RunOptions, Runner
+    from leakbench.run import runner as runner_module
+    from leakbench.run.grid import parse_grid
+    from leakbench.run.runner import Runner, RunOptions
 
     monkeypatch.setattr(runner_module, "MAX_PROGRAM_TARGETS", 4)  # two cells of 2 targets per program
     grid = parse_grid({**PROGRAM, "attacks": [*PROGRAM["attacks"], {"name": "gan-passive"}]})

@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 
-from leakbench.board import load_board, load_entry
-from leakbench.board_protocol import submit
 from leakbench.cli import main
 from leakbench.errors import ConfigError
-from leakbench.submission import SandboxLimits, SubmissionError
+from leakbench.leaderboard.sandbox import SandboxLimits, SubmissionError
+from leakbench.leaderboard.schema import load_board, load_entry
+from leakbench.leaderboard.submit import submit
 
 # A tiny protocol override: the v1-smoke structure with budgets small enough for the test suite.
 TINY = {
@@ -254,9 +254,9 @@ def test_model_inversion_attacks_the_model_the_submitted_defense_trained(tmp_pat
     import torch
 
     from leakbench.attacks.model_inversion import ModelInversion
-    from leakbench.board_protocol import protocol_grid
+    from leakbench.leaderboard.protocol import protocol_grid
     from leakbench.registry import DEFENSES
-    from leakbench.runner import Runner, RunOptions
+    from leakbench.run.runner import Runner, RunOptions
 
     attacked = []
     invert = ModelInversion.attack_model
@@ -343,9 +343,10 @@ def test_gan_uploads_go_through_the_submitted_transform(tmp_path):
     enter the entry with the GAN-style fields and count in the worst case."""
     import json
 
-    from leakbench.board_protocol import build_entry, load_protocol, run_protocol
+    from leakbench.leaderboard.build import build_entry
+    from leakbench.leaderboard.protocol import load_protocol, run_protocol
+    from leakbench.leaderboard.sandbox import DefenseSource
     from leakbench.models import build_model
-    from leakbench.submission import DefenseSource
 
     log = tmp_path / "transform.log"
     path = tmp_path / "zero_uploads.py"
@@ -378,7 +379,7 @@ def test_the_parent_checks_every_update_by_the_childs_rules():
     one-line message naming the submission."""
     import torch
 
-    from leakbench.submission import check_update
+    from leakbench.leaderboard.sandbox import check_update
 
     params = [("w", torch.zeros(2, 3)), ("b", torch.zeros(3))]
     good = [torch.ones(2, 3), torch.ones(3)]

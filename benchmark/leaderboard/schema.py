@@ -1,8 +1,7 @@
-"""The leaderboard: one JSON file per entry under ``leaderboards/<protocol>/<name>.json``, validated
-here (the single source of truth for the entry schema), ranked, and rendered as Markdown
-(``leaderboards/README.md``) and as a static HTML page per protocol (``board_html``).
+"""The leaderboard entry schema: one JSON file per entry under ``leaderboards/<protocol>/<name>.json``,
+validated here (the single source of truth for what an entry holds) and loaded as :class:`Entry`.
 
-Every number on a board was measured by leakbench; anything a submitter claims lives under
+Every number in an entry was measured by leakbench; anything a submitter claims lives under
 ``reported`` and is never ranked.
 """
 from __future__ import annotations
@@ -16,14 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .results import atomic_write_text
+from ..errors import ConfigError
 
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = Path("leaderboards")
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
-_NAME_RE = re.compile(NAME_PATTERN + r"\Z")
-_NAME_MAX = 64
+NAME_RE = re.compile(NAME_PATTERN + r"\Z")
+NAME_MAX = 64
 _SOURCE_RE = re.compile(r"(builtin:[a-z0-9][a-z0-9._-]*|entry-point:[A-Za-z0-9][A-Za-z0-9._-]*"
                         r"|file:[^:\s]+\.py:[A-Za-z_][A-Za-z0-9_]*)\Z")
 _SOURCE_ALLOWED = "builtin:NAME, file:PATH.py:ClassName or entry-point:NAME"
@@ -32,16 +30,13 @@ _LINK_RE = re.compile(r"https?://[^\s\"'<>]+\Z")
 DROP_TOLERANCE = 1e-4
 VARIANTS = ("fixed", "adaptive")
 
-RANKING_RULE = (
-    "Entries that meet the protocol's accuracy floor come first, ordered by worst-case leak rate over "
-    "the protocol's attacks (lower is better), then by accuracy (higher is better), then by name. "
-    "Entries below the floor follow, flagged, in the same order. ★ marks the accuracy-vs-leakage "
-    "Pareto front: no other entry has accuracy at least as high and worst-case leak at most as low, "
-    "with one of the two strictly better."
-)
 
+def check_name(name: str) -> str:
+    """An entry (or protocol) name as the board accepts it; a one-line ConfigError otherwise."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > NAME_MAX:
+        raise ConfigError(f"--name {name!r} is invalid; allowed: {NAME_PATTERN}, at most {NAME_MAX} characters")
+    return name
 
-# --- the schema -------------------------------------------------------------------------------
 
 class _Checker:
     """Checks one entry; every failure is a one-line ConfigError naming the file and the key."""
@@ -136,12 +131,12 @@ def validate_entry(data: Any, *, source: str, folder_protocol: str | None = None
     c.keys("", data, TOP_KEYS)
     if data["schema_version"] != SCHEMA_VERSION or isinstance(data["schema_version"], bool):
         c.fail("schema_version", data["schema_version"], str(SCHEMA_VERSION))
-    protocol = c.string("protocol", data["protocol"], pattern=_NAME_RE, allowed=f"a protocol name ({NAME_PATTERN})")
+    protocol = c.string("protocol", data["protocol"], pattern=NAME_RE, allowed=f"a protocol name ({NAME_PATTERN})")
     if folder_protocol is not None and protocol != folder_protocol:
         c.fail("protocol", protocol, f"{json.dumps(folder_protocol)}, the folder the entry lives in")
-    name = c.string("name", data["name"], pattern=_NAME_RE, allowed=f"{NAME_PATTERN}, at most {_NAME_MAX} characters")
-    if len(name) > _NAME_MAX:
-        c.fail("name", name, f"at most {_NAME_MAX} characters")
+    name = c.string("name", data["name"], pattern=NAME_RE, allowed=f"{NAME_PATTERN}, at most {NAME_MAX} characters")
+    if len(name) > NAME_MAX:
+        c.fail("name", name, f"at most {NAME_MAX} characters")
     if file_stem is not None and name != file_stem:
         c.fail("name", name, f"{json.dumps(file_stem)}, the file's name without .json")
     c.string("authors", data["authors"])
@@ -174,7 +169,7 @@ def validate_entry(data: Any, *, source: str, folder_protocol: str | None = None
         c.fail("attacks", attacks, "a non-empty object of attack name to scores")
     for attack, scores in attacks.items():
         key = f"attacks.{attack}"
-        if not _NAME_RE.match(attack):
+        if not NAME_RE.match(attack):
             raise ConfigError(f"{source}: {key} is not a valid attack name; allowed: {NAME_PATTERN}")
         c.keys(key, scores, ("leak_rate", "variant"), tuple(_ATTACK_NUMBERS))
         c.rate(f"{key}.leak_rate", scores["leak_rate"])
@@ -313,144 +308,10 @@ def protocols_under(root: Path) -> list[str]:
     """The protocols that have a board folder under ``root``."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
 
 
 def load_board(protocol: str, root: Path = DEFAULT_ROOT) -> list[Entry]:
     """Every entry of one protocol, validated."""
     folder = Path(root) / protocol
     return [load_entry(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
-def common_floor(entries: list[Entry]) -> float | None:
-    """The board's accuracy floor, or None when entries differ: the floor is a fraction of the
-    no-defense accuracy, which each submission measures on its own hardware."""
-    floors = {e.accuracy_floor for e in entries}
-    return floors.pop() if len(floors) == 1 else None
-
-
-# --- ranking ----------------------------------------------------------------------------------
-
-def rank(entries: list[Entry]) -> list[Entry]:
-    """The board's order: floor met first; then worst-case leak ascending, accuracy descending, name."""
-    return sorted(entries, key=lambda e: (e.below_floor, e.worst_leak, -e.accuracy, e.name))
-
-
-def pareto(entries: list[Entry]) -> set[str]:
-    """Names of the entries on the accuracy-vs-leakage Pareto front (over all entries, floor or not)."""
-    def dominates(a: Entry, b: Entry) -> bool:
-        return (a.accuracy >= b.accuracy and a.worst_leak <= b.worst_leak
-                and (a.accuracy > b.accuracy or a.worst_leak < b.worst_leak))
-
-    return {e.name for e in entries if not any(dominates(o, e) for o in entries if o is not e)}
-
-
-def attack_columns(entries: list[Entry]) -> list[str]:
-    """Attack names over a board, in the order the entries list them."""
-    return list(dict.fromkeys(a for e in entries for a in e.data["attacks"]))
-
-
-# --- Markdown ---------------------------------------------------------------------------------
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
-def _md(text: str) -> str:
-    """Submitter text made inert in a Markdown table cell: one line, Markdown and HTML characters escaped."""
-    return re.sub(r"([\\`*_\[\]<>|~&])", r"\\\1", " ".join(str(text).split()))
-
-
-def board_frame(entries: list[Entry]):
-    """The board as a table of display strings, one row per entry in ranked order."""
-    import pandas as pd
-
-    front = pareto(entries)
-    attacks = attack_columns(entries)
-    rows = []
-    for position, e in enumerate(rank(entries), start=1):
-        link = e.data["link"]
-        row = {
-            "#": position, "★": "★" if e.name in front else "",
-            "entry": f"[{_md(e.name)}](<{link}>)" if link else _md(e.name),
-            "authors": _md(e.data["authors"]),
-            "defense": _md(e.defense_label),
-            "accuracy": _pct(e.accuracy),
-            "drop": f"{100 * e.data['accuracy']['drop']:+.1f} pp",
-            "worst-case leak": f"{_pct(e.worst_leak)} ({_md(e.worst_attack)})",
-        }
-        for a in attacks:
-            scores = e.data["attacks"].get(a)
-            row[f"{_md(a)} leak"] = _pct(scores["leak_rate"]) if scores else "–"
-        row["ε"] = f"{e.epsilon:.3g}" if e.epsilon is not None else "–"
-        row["flags"] = "below accuracy floor" if e.below_floor else ""
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def board_summary(protocol: str, entries: list[Entry]) -> str:
-    """The paragraph above a board: the protocol, its floor and baseline, and the ranking rule."""
-    if not entries:
-        return f"Protocol `{protocol}`: no entries yet."
-    def span(values: set[float]) -> str:
-        return _pct(min(values)) if len(values) == 1 else f"{_pct(min(values))}–{_pct(max(values))}"
-
-    baseline = span({e.data["accuracy"]["baseline"] for e in entries})
-    floor = span({e.accuracy_floor for e in entries})
-    n_below = sum(e.below_floor for e in entries)
-    return (f"Protocol `{protocol}`: {len(entries)} entries, {len(pareto(entries))} on the Pareto front, "
-            f"{n_below} below the accuracy floor of {floor}. Accuracy without a "
-            f"defense: {baseline}; drop is in percentage points against it. Leak rates are measured by "
-            f"leakbench under the protocol's attacks; ε is the defense's privacy budget where it has one.")
-
-
-def render_markdown(protocol: str, entries: list[Entry], *, html_link: str | None = None) -> str:
-    """One protocol's board: a heading, the summary with the ranking rule, the table."""
-    from tabulate import tabulate
-
-    parts = [f"## Protocol `{protocol}`", "", board_summary(protocol, entries)]
-    if html_link:
-        parts += ["", f"Sortable table and accuracy-vs-leakage plot: [{html_link}]({html_link})."]
-    if entries:
-        parts += ["", f"**Ranking.** {RANKING_RULE}", "",
-                  tabulate(board_frame(entries), headers="keys", tablefmt="github", showindex=False,
-                           disable_numparse=True)]
-    return "\n".join(parts) + "\n"
-
-
-def render_index(boards: dict[str, list[Entry]]) -> str:
-    """``leaderboards/README.md``: every protocol's board."""
-    head = ["# Leaderboards", "",
-            ("Generated by `leakbench leaderboard` from the entries in this folder; do not edit by hand. "
-             "Each entry is one JSON file, `<protocol>/<name>.json`, and every number in it was measured by "
-             "leakbench. The ranking rule and the schema are in the project README (Leaderboards)."), ""]
-    if not boards:
-        return "\n".join(head + ["No entries yet.", ""])
-    head += ["Protocols: " + ", ".join(f"[`{p}`](#protocol-{p.replace('.', '')})" for p in boards) + ".", "", ""]
-    return "\n".join(head) + "\n".join(
-        render_markdown(p, entries, html_link=f"{p}/index.html") for p, entries in boards.items())
-
-
-# --- writing ----------------------------------------------------------------------------------
-
-def render_boards(root: Path = DEFAULT_ROOT, *, protocols: list[str] | None = None) -> dict[str, Path]:
-    """Validate every entry under ``root``, then write ``root/README.md`` and ``root/<protocol>/index.html``.
-
-    ``protocols`` adds boards that have no folder yet (an empty board). Nothing is written unless every
-    entry is valid. Returns the files written, by kind."""
-    from .board_html import render_html
-
-    root = Path(root)
-    names = sorted(set(protocols_under(root)) | set(protocols or ()))
-    for p in names:
-        if not _NAME_RE.match(p):
-            raise ConfigError(f"--protocol {p!r} is invalid; allowed: {NAME_PATTERN}")
-    boards = {p: load_board(p, root) for p in names}  # all validated before anything is written
-    written = {}
-    for p, entries in boards.items():
-        path = root / p / "index.html"
-        atomic_write_text(path, render_html(p, entries))
-        written[f"html:{p}"] = path
-    atomic_write_text(root / "README.md", render_index(boards))
-    written["markdown"] = root / "README.md"
-    return written

@@ -6,27 +6,30 @@ A grid may ``include:`` other YAML files (paths relative to the including file; 
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from ..catalog import load_all
+from ..collab.config import check_protocol_mapping
+from ..errors import ConfigError, did_you_mean
+from ..params import check_section
+from ..registry import ATTACKS, CELL_KINDS, DATASETS, DEFENSES, MODELS
+from ..scoring.class_leak import LeakRule
+from ..scoring.oracle import ORACLE_PARAMS
+from ..scoring.reconstruction import RecognisabilityRule
+from ..seeding import config_hash
+from ..training import TrainingConfig
+from ..yaml_config import read_with_includes, relative_to
 
-from .errors import ConfigError
-from .leak_scores import ORACLE_PARAMS, LeakRule
-from .params import check_section
-from .metrics import RecognisabilityRule
-from .registry import ATTACKS, DATASETS, DEFENSES, MODELS, _ensure_builtins
-from .training import TrainingConfig
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cells.base import CellKind
 
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
                   "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "oracle", "subgrids",
                   "batch_cells")
-GRID_SETTINGS = ("gradient", "collaborative", "model")  # attack settings a grid can run
 THREAT_KEYS = ("model_state", "train_steps", "labels_known")
 MODEL_STATES = ("random-init", "trained")
 
@@ -52,48 +55,13 @@ def resolve_grid_path(spec: str | Path) -> Path | Any:
     builtin = _builtin_path(str(spec))
     if builtin.is_file():
         return builtin
-    import difflib
-
     names = builtin_grids()
-    close = difflib.get_close_matches(str(spec), names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown grid {str(spec)!r}.{hint} Available: {', '.join(names)}, or a path to a .yaml file")
+    raise ConfigError(f"unknown grid {str(spec)!r}.{did_you_mean(spec, names)} Available: {', '.join(names)}, or a path to a .yaml file")
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_grid_yaml(spec: str | Path, _seen: tuple = ()) -> dict:
-    path = resolve_grid_path(spec)
-    key = str(path)
-    if key in _seen:
-        raise ConfigError(f"grid include cycle: {' -> '.join(_seen + (key,))}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"grid {key}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"grid {key}: the top level must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)})")
-    includes = raw.pop("include", None) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    merged: dict = {}
-    for inc in includes:
-        if not isinstance(inc, str):
-            raise ConfigError(f"grid {key}: include entries must be file paths or grid names, got {inc!r}")
-        local = Path(str(path)).parent / inc  # relative to the including file, else a packaged grid name
-        target = local if local.is_file() else inc
-        merged = _deep_merge(merged, read_grid_yaml(target, _seen + (key,)))
-    return _deep_merge(merged, raw)
+def read_grid_yaml(spec: str | Path) -> dict:
+    """A grid file (or shipped grid name) with its ``include:`` files merged in."""
+    return read_with_includes(spec, resolve=resolve_grid_path, what="grid", keys=TOP_LEVEL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -122,28 +90,14 @@ class Cell:
     seed: int
     grid: "Grid" = field(compare=False, repr=False)  # the grid (or subgrid) whose settings apply
 
+    @property
+    def kind(self) -> "CellKind":
+        """The kind of cell that runs this cell's attack (``leakbench.cells``)."""
+        return CELL_KINDS.get(ATTACKS.get(self.attack.name).setting)()
+
     def config(self, grid: "Grid | None" = None) -> dict:
-        """Everything that determines this cell's result (its identity for resuming)."""
-        grid = grid or self.grid
-        setting = ATTACKS.get(self.attack.name).setting
-        if setting == "collaborative":
-            return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
-                    "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
-                    "protocol": self.protocol(), "gan_verdict": vars(grid.gan_verdict),
-                    "accuracy": grid.accuracy.as_dict(), **_oracle_key(grid)}
-        if setting == "model":  # the attacked model is the accuracy run's
-            return {"attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
-                    "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
-                    "gan_verdict": vars(grid.gan_verdict), "accuracy": grid.accuracy.as_dict(),
-                    **_oracle_key(grid)}
-        return {
-            "attack": self.attack.as_dict(), "defense": self.defense.as_dict(),
-            "dataset": self.dataset.as_dict(), "model": self.model.as_dict(), "seed": self.seed,
-            "targets": grid.targets, "split": grid.split, "threat": dict(grid.threat),
-            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict),
-            # batching changes a float32 trajectory's rounding, so a cell run alone is another result
-            **({} if grid.batch_cells else {"batch_cells": False}),
-        }
+        """Everything that determines this cell's result (its identity for resuming), as its kind states it."""
+        return self.kind.identity(self, grid or self.grid)
 
     def protocol(self) -> dict:
         """The agreed protocol for this cell: the grid's, with its dataset's overrides."""
@@ -151,10 +105,6 @@ class Cell:
 
     def key(self, grid: "Grid | None" = None) -> str:
         return config_hash(self.config(grid))
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -226,44 +176,14 @@ def _component_list(raw: Any, key: str, registry, *, sweeps: bool) -> list[Compo
 
 
 def _runnable_attacks(specs: list[ComponentSpec]) -> list[ComponentSpec]:
-    """Grids run gradient attacks (one shared update), collaborative ones (rounds of the protocol) and
-    attacks on the finished model (model inversion, on the model the accuracy run trained)."""
-    runnable = [n for n in ATTACKS.list() if ATTACKS.get(n).setting in GRID_SETTINGS]
+    """Grids run every attack whose setting is a registered kind of cell (``leakbench.cells``)."""
+    runnable = [n for n in ATTACKS.list() if ATTACKS.get(n).setting in CELL_KINDS]
     for spec in specs:
         setting = ATTACKS.get(spec.name).setting
-        if setting not in GRID_SETTINGS:
-            raise ConfigError(f"grid: attack {spec.name!r} runs in the {setting!r} setting, which grids do not "
-                              f"run yet; allowed here: {', '.join(runnable)}")
+        if setting not in CELL_KINDS:
+            raise ConfigError(f"grid: attack {spec.name!r} runs in the {setting!r} setting, which no kind of cell "
+                              f"runs; allowed here: {', '.join(runnable)}")
     return specs
-
-
-def _protocol(raw: Any) -> dict:
-    """The agreed protocol (``leakbench.collab.ProtocolConfig`` fields), checked by building it."""
-    from .collab import ProtocolConfig
-
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError("grid: protocol must be a mapping of ProtocolConfig fields")
-    extra = sorted(set(raw) - _protocol_fields())
-    if extra:
-        raise ConfigError(f"grid: protocol: unknown key {extra[0]!r}; allowed: {', '.join(sorted(_protocol_fields()))}")
-    if "participant_labels" in raw:
-        labels = raw["participant_labels"]
-        if not isinstance(labels, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in labels):
-            raise ConfigError(f"grid: protocol.participant_labels = {labels!r} is invalid; allowed: a list of "
-                              f"label lists, one per participant")
-        raw = {**raw, "participant_labels": tuple(tuple(p) for p in labels)}
-    ProtocolConfig(**{**raw, "model": None})  # its own checks raise one-line ConfigErrors
-    return raw
-
-
-def _protocol_fields() -> set[str]:
-    from dataclasses import fields as dc_fields
-
-    from .collab import ProtocolConfig
-
-    return {f.name for f in dc_fields(ProtocolConfig)} - {"model", "model_params"}
 
 
 def _names(raw: Any, key: str) -> list[str]:
@@ -276,20 +196,12 @@ def _names(raw: Any, key: str) -> list[str]:
     return raw
 
 
-def _relative(source: str, name: str) -> str | Path:
-    local = Path(source).parent / name if source else None
-    return local if local is not None and local.is_file() else name
-
-
 def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
-    _ensure_builtins()
+    load_all()
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], TOP_LEVEL_KEYS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"grid: unknown key {unknown[0]!r}.{hint} Allowed: {', '.join(TOP_LEVEL_KEYS)}")
+        raise ConfigError(f"grid: unknown key {unknown[0]!r}.{did_you_mean(unknown[0], TOP_LEVEL_KEYS)} "
+                          f"Allowed: {', '.join(TOP_LEVEL_KEYS)}")
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
@@ -327,15 +239,14 @@ def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
         seeds=list(seeds), targets=targets, split=split, threat=threat,
         accuracy=TrainingConfig.from_config(raw.get("accuracy")),
         verdict=RecognisabilityRule.from_config(raw.get("verdict")),
-        protocol=_protocol(raw.get("protocol")),
+        protocol=check_protocol_mapping(raw.get("protocol"), where="grid: protocol"),
         gan_verdict=LeakRule.from_config(raw.get("gan_verdict")),
         oracle=check_section("grid: oracle", raw.get("oracle"), ORACLE_PARAMS),
         source=source, batch_cells=batch_cells,
-        subgrids=[load_grid(_relative(source, s), _seen=_seen) for s in _names(raw.get("subgrids"), "subgrids")],
+        subgrids=[load_grid(relative_to(source, s), _seen=_seen) for s in _names(raw.get("subgrids"), "subgrids")],
     )
-    if any(ATTACKS.get(a.name).setting == "collaborative" for a in grid.attacks):
-        for ds in grid.datasets:  # every dataset's agreed protocol must be valid
-            _protocol({**grid.protocol, **(ds.protocol or {})})
+    for kind in dict.fromkeys(CELL_KINDS.get(ATTACKS.get(a.name).setting) for a in grid.attacks):
+        kind().validate(grid)  # what a kind of cell needs of the grid (e.g. a valid agreed protocol)
     model_params = grid.accuracy.model_params
     for m in grid.models:  # the accuracy run's model overrides must be valid for every model
         MODELS.get(m.name).validate_params({**m.params, **model_params})
@@ -348,9 +259,3 @@ def load_grid(spec: str | Path, *, _seen: tuple = ()) -> Grid:
     if path in _seen:
         raise ConfigError(f"grid subgrids cycle: {' -> '.join(_seen + (path,))}")
     return parse_grid(read_grid_yaml(spec), source=path, _seen=_seen + (path,))
-
-
-def _oracle_key(grid: "Grid") -> dict:
-    """The oracle's settings belong to a cell's identity only when a grid sets them (so cells of grids
-    that use the defaults keep their keys)."""
-    return {"oracle": dict(grid.oracle)} if grid.oracle else {}

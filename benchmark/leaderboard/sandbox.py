@@ -1,6 +1,6 @@
 """Submitted defenses are untrusted code: they run in a sandboxed child process, never in leakbench's own.
 
-``DefenseSandbox`` starts ``python -m leakbench.submission_worker`` with an address-space and a CPU-time
+``DefenseSandbox`` starts ``python -m leakbench.leaderboard.sandbox_worker`` with an address-space and a CPU-time
 limit (set by the child before it imports anything submitted), in its own process group, with a clean
 environment and no GPU. The parent keeps a wall-clock deadline and kills the group when it passes.
 
@@ -19,6 +19,7 @@ private targets of other cells, or which run a request belongs to.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -37,9 +38,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .defenses.base import Defense
-from .errors import ConfigError
-from .params import Param
+from ..catalog import load_all
+from ..defenses.base import Defense
+from ..errors import ConfigError
+from ..params import Param
+from ..registry import DEFENSES
+from .sandbox_worker import check_update as check_by_the_rules
 
 SUBMITTED_PREFIX = "submitted:"
 DEFAULT_TIMEOUT_S = 3600.0
@@ -142,7 +146,7 @@ class DefenseSandbox:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         cpu_seconds = max(1, int(limits.timeout_s) + 1)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "leakbench.submission_worker", "--fd", str(child_sock.fileno()),
+            [sys.executable, "-m", "leakbench.leaderboard.sandbox_worker", "--fd", str(child_sock.fileno()),
              "--memory-mb", str(limits.memory_mb), "--cpu-seconds", str(cpu_seconds)],
             pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
             env=env, cwd=self._cwd.name, start_new_session=True)  # its own process group, killed as one
@@ -231,8 +235,6 @@ def check_update(update: list[torch.Tensor], params: list[tuple[str, torch.Tenso
     """The parent's own check of a shared update (the child is not trusted to have checked it), by the
     child's rules: one tensor per entry of ``params`` (name, reference tensor), of its shape and dtype,
     all finite."""
-    from .submission_worker import check_update as check_by_the_rules
-
     try:
         return check_by_the_rules(update, [p for _, p in params], method)
     except ValueError as exc:
@@ -293,8 +295,6 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).cpu()
 
 
@@ -322,9 +322,7 @@ def submitted_defense(source: DefenseSource, params: dict, *, name: str,
 
     Built-ins are leakbench's own trusted code and run in-process under their registered name; files
     and entry points run in a sandbox under ``submitted:<name>``."""
-    from .registry import DEFENSES, _ensure_builtins
-
-    _ensure_builtins()
+    load_all()
     if source.kind == "builtin":
         defense = DEFENSES.build(source.name, params)
         yield Submitted(source.name, defense.get_params(), defense.label())

@@ -13,13 +13,14 @@ import dataclasses
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-from .errors import ConfigError
+import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .grid import Cell, Grid
-    from .runner import Job, RunOptions, Runner
+from ..catalog import load_all
+from ..errors import ConfigError
+from .grid import Cell, Grid
+from .runner import Job, Runner, RunOptions
 
 EXECUTORS = ("local", "ray")
 
@@ -35,18 +36,15 @@ def threads_per_worker(workers: int, threads: int | None) -> int:
     return threads if threads is not None else max(1, available_cores() // workers)
 
 
-def longest_first(jobs: list["Job"], cells: dict[str, "Cell"]) -> list["Job"]:
-    """A cheap schedule for a pool: collaborative cells first (each runs the whole protocol, about a
-    minute on the quick grid against seconds for a gradient cell), then programs of many cells, largest
+def longest_first(jobs: list[Job], cells: dict[str, Cell]) -> list[Job]:
+    """A cheap schedule for a pool: cells of long-running kinds first (a collaborative cell runs the
+    whole protocol, about a minute on the quick grid against seconds for a gradient cell), then programs of many cells, largest
     first, so the run does not end with one worker busy on a long job while the others idle. Single
     gradient cells go attack-major, so that cells in flight at the same time have different defense
     settings and do not wait on the same accuracy run."""
-    from .registry import ATTACKS
-
-    def order(job: "Job") -> tuple:
+    def order(job: Job) -> tuple:
         first = cells[job.cells[0]]
-        return (ATTACKS.get(first.attack.name).setting != "collaborative", -len(job.cells),
-                first.grid.attacks.index(first.attack))
+        return (not first.kind.long_running, -len(job.cells), first.grid.attacks.index(first.attack))
 
     return sorted(jobs, key=order)
 
@@ -54,7 +52,6 @@ def longest_first(jobs: list["Job"], cells: dict[str, "Cell"]) -> list["Job"]:
 class CellExecutor(ABC):
     """Runs jobs and yields their cells' records in the order they finish. Use as a context manager."""
 
-    parallel = False
 
     def __enter__(self) -> "CellExecutor":
         return self
@@ -63,7 +60,7 @@ class CellExecutor(ABC):
         return None
 
     @abstractmethod
-    def run(self, runner: "Runner", jobs: list["Job"]) -> Iterator[dict]:
+    def run(self, runner: Runner, jobs: list[Job]) -> Iterator[dict]:
         ...
 
 
@@ -78,34 +75,29 @@ class SerialExecutor(CellExecutor):
 
 # -- worker side (a spawned process or a Ray worker) ------------------------------------------------
 
-_worker_runner: "Runner | None" = None
+_worker_runner: Runner | None = None
 _worker_run_id: str | None = None
-_worker_cells: dict[str, "Cell"] = {}
+_worker_cells: dict[str, Cell] = {}
 
 
-def _start_worker(grid: "Grid", options: "RunOptions", threads: int, run_id: str) -> None:
+def _start_worker(grid: Grid, options: RunOptions, threads: int, run_id: str) -> None:
     """Build this worker's Runner once per run: it keeps decoded datasets and oracles in memory across
     the cells the worker is given (the accuracy and oracle caches on disk are shared by all workers)."""
     global _worker_runner, _worker_run_id, _worker_cells
     if _worker_run_id == run_id:
         return
-    import torch
-
-    from .registry import _ensure_builtins
-    from .runner import Runner
-
     torch.set_num_threads(threads)
-    _ensure_builtins()  # entry-point plugins register in every worker as they do in the parent
+    load_all()  # entry-point plugins register in every worker as they do in the parent
     _worker_runner = Runner(grid, options)
     _worker_cells = {c.key(): c for c in grid.cells()}
     _worker_run_id = run_id
 
 
-def _run_job(job: "Job") -> list[dict]:
+def _run_job(job: Job) -> list[dict]:
     return _worker_runner.run_job(job, _worker_cells)
 
 
-def _run_job_in_ray(grid: "Grid", options: "RunOptions", threads: int, run_id: str, job: "Job") -> list[dict]:
+def _run_job_in_ray(grid: Grid, options: RunOptions, threads: int, run_id: str, job: Job) -> list[dict]:
     # Ray reuses worker processes across tasks: the Runner is built on a worker's first task of a run
     _start_worker(grid, options, threads, run_id)
     return _run_job(job)
@@ -124,7 +116,6 @@ class LocalPoolExecutor(CellExecutor):
     forked child inherits torch's OpenMP thread pool and locks in whatever state the parent left them,
     which can deadlock; a spawned worker imports leakbench afresh."""
 
-    parallel = True
 
     def __init__(self, workers: int, threads: int | None = None) -> None:
         self.workers = workers
@@ -135,6 +126,7 @@ class LocalPoolExecutor(CellExecutor):
 
         if not jobs:
             return
+        jobs = longest_first(jobs, {c.key(): c for c in runner.grid.cells()})
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)),
                                    mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(runner.grid, runner.options, self.threads, _new_run_id()))
@@ -193,7 +185,6 @@ class RayExecutor(CellExecutor):
     output folder must be on a filesystem every node sees: workers write the caches and the
     reconstructions there (the driver alone writes results.jsonl)."""
 
-    parallel = True
 
     def __init__(self, workers: int, threads: int | None = None, address: str | None = None) -> None:
         self.workers = workers
@@ -231,7 +222,7 @@ class RayExecutor(CellExecutor):
         options = dataclasses.replace(runner.options, out_dir=runner.options.out_dir.resolve(),
                                       cache_dir=runner.options.cache_dir and runner.options.cache_dir.resolve())
         run_id = _new_run_id()
-        queue = list(jobs)
+        queue = longest_first(jobs, {c.key(): c for c in runner.grid.cells()})
         in_flight = []
         while queue or in_flight:
             while queue and len(in_flight) < self.workers:

@@ -7,10 +7,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
-from .errors import ConfigError
-from .params import Component, Param, check_section
-from .registry import METRICS, register_metric
+from ..errors import ConfigError
+from ..params import Component, Param, check_section
+from ..registry import METRICS, register_metric
+from .ssim import ssim_per_sample
 
 
 class Metric(Component):
@@ -59,20 +61,12 @@ class SSIM(Metric):
     """Structural similarity (Gaussian window) through torchmetrics; the window shrinks for tiny images."""
 
     def per_sample(self, x, y):
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-        side = min(x.shape[-2:])
-        kernel = 11 if side >= 11 else max(3, side - 1 if side % 2 == 0 else side)
-        sigma = 1.5 * kernel / 11
-        values = ssim(x, y, data_range=1.0, kernel_size=kernel, sigma=sigma, reduction="none")
-        return values.reshape(-1)
+        return ssim_per_sample(x, y)
 
 
 def match_reconstructions(reconstruction: torch.Tensor, original: torch.Tensor) -> np.ndarray:
     """Hungarian assignment of reconstructions to originals by MSE; returns the permutation of the
     reconstructions (``reconstruction[perm[i]]`` is matched to ``original[i]``)."""
-    from scipy.optimize import linear_sum_assignment
-
     x = reconstruction.detach().float().clamp(0, 1).flatten(1)
     y = original.detach().float().flatten(1)
     cost = torch.cdist(y.double(), x.double()).pow(2).numpy() / x.shape[1]

@@ -5,9 +5,6 @@ Each record is written with a single ``write`` on a file opened for appending, u
 the parent process, but two runs on one folder may overlap). A run that is killed mid-write can leave
 a torn last line: reading drops it (and trims it from the file when asked to repair), so that cell
 simply runs again on resume.
-
-Shared work (accuracy runs, oracles) is cached on disk by ``computed_once``: one worker computes an
-entry while the others wait on its lock and then read it.
 """
 from __future__ import annotations
 
@@ -16,12 +13,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import numpy as np
-from filelock import FileLock, Timeout
-
-T = TypeVar("T")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -85,60 +79,3 @@ class ResultsStore:
         return iter(self.records())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_torch(path: Path, obj: Any) -> None:
-    """``torch.save`` of tensors (or dicts of them), written atomically like the others."""
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path], T],
-                  write: Callable[[Path, T], None], wait: bool = True) -> T | None:
-    """The value cached at ``path``, computed at most once however many processes ask at the same
-    time: the first takes a per-entry file lock and computes; the others block on the lock, then find
-    the entry written and read it. (filelock, a torch dependency, rather than hand-rolled flock code.)
-    An entry that cannot be read (torn by a crash of an older version, another format) is recomputed.
-    ``wait=False``: None at once when another process holds the lock (it is computing the entry)."""
-
-    def cached() -> tuple[bool, Any]:
-        if not path.exists():
-            return False, None
-        try:
-            return True, read(path)
-        except Exception:  # noqa: BLE001  any unreadable entry is recomputed, whatever the reader raised
-            return False, None
-
-    found, value = cached()  # the common case needs no lock
-    if found:
-        return value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path.with_name(f".{path.name}.lock"))
-    try:
-        lock.acquire(timeout=-1 if wait else 0)
-    except Timeout:
-        return None
-    try:
-        found, value = cached()  # another process may have written it while this one waited
-        if found:
-            return value
-        value = compute()
-        write(path, value)  # written atomically (rename) before the lock is released
-        return value
-    finally:
-        lock.release()

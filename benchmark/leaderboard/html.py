@@ -14,15 +14,8 @@ import hashlib
 import html
 import json
 
-from .board import (
-    RANKING_RULE,
-    Entry,
-    attack_columns,
-    board_summary,
-    common_floor,
-    pareto,
-    rank,
-)
+from .ranking import RANKING_RULE, attack_columns, board_summary, common_floor, pareto, percent, rank
+from .schema import Entry
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 80rem; padding: 0 1rem; color: #1b1b1b; }
@@ -155,10 +148,6 @@ def _cell(text: str, value, *, numeric: bool = False, cls: str = "") -> str:
             f'data-value="{html.escape(sort_value)}">{html.escape(text)}</td>')
 
 
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
 def render_html(protocol: str, entries: list[Entry]) -> str:
     """The page for one protocol's board."""
     front = pareto(entries)
@@ -182,14 +171,14 @@ def render_html(protocol: str, entries: list[Entry]) -> str:
             f'<td class="name" data-value="{name}">{entry_html}</td>',
             _cell(e.data["authors"], e.data["authors"]),
             _cell(e.defense_label, e.defense_label),
-            _cell(_pct(e.accuracy), e.accuracy, numeric=True),
+            _cell(percent(e.accuracy), e.accuracy, numeric=True),
             _cell(f"{100 * e.data['accuracy']['drop']:+.1f} pp", e.data["accuracy"]["drop"], numeric=True),
-            _cell(f"{_pct(e.worst_leak)} ({e.worst_attack})", e.worst_leak, numeric=True),
+            _cell(f"{percent(e.worst_leak)} ({e.worst_attack})", e.worst_leak, numeric=True),
         ]
         for a in attacks:
             scores = e.data["attacks"].get(a)
             leak = scores["leak_rate"] if scores else None
-            cells.append(_cell(_pct(leak), leak, numeric=True))
+            cells.append(_cell(percent(leak), leak, numeric=True))
         cells.append(_cell(f"{e.epsilon:.3g}" if e.epsilon is not None else "–", e.epsilon, numeric=True))
         cells.append(_cell("below accuracy floor" if e.below_floor else "", "below" if e.below_floor else ""))
         classes = " ".join(c for c in ("pareto" if on_front else "", "below-floor" if e.below_floor else "") if c)

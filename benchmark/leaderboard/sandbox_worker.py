@@ -1,6 +1,6 @@
 """The sandbox child of ``leakbench submit``: loads a submitted defense and answers the parent's requests.
 
-Run as ``python -m leakbench.submission_worker --fd N --memory-mb M --cpu-seconds S`` by
+Run as ``python -m leakbench.leaderboard.sandbox_worker --fd N --memory-mb M --cpu-seconds S`` by
 ``leakbench.submission``. It caps its own address space and CPU time before any submitted code is
 imported, then serves one request at a time over the inherited socket. Every update, in the accuracy
 run and in the attacks alike, is produced by the same ``serve_share`` call on the same defense object, with
@@ -21,11 +21,16 @@ import pickle
 import resource
 import sys
 import traceback
+from importlib.metadata import entry_points
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..catalog import load_all
+from ..defenses.base import Defense
+from ..registry import DEFENSES
 
 MAX_LIST = 10_000  # bound on anything list-like a defense reports (params, claims)
 
@@ -65,8 +70,6 @@ class Reply:
 def load_defense_class(spec: dict) -> type:
     """The class a submission names: ``file`` (a .py path and class name), ``entry-point`` (installed
     plugins in the ``leakbench.defenses`` group) or ``builtin`` (a registered name)."""
-    from leakbench.registry import DEFENSES, _ensure_builtins
-
     kind = spec["kind"]
     if kind == "file":
         path = Path(spec["path"])
@@ -80,14 +83,12 @@ def load_defense_class(spec: dict) -> type:
             raise AttributeError(f"{path.name} defines no {spec['class']!r}")
         return getattr(module, spec["class"])
     if kind == "entry-point":
-        from importlib.metadata import entry_points
-
         found = list(entry_points(group="leakbench.defenses", name=spec["name"]))
         if not found:
             raise LookupError(f"no installed plugin registers {spec['name']!r} in the 'leakbench.defenses' "
                               f"entry-point group")
         return found[0].load()
-    _ensure_builtins()
+    load_all()
     return DEFENSES.get(spec["name"])
 
 
@@ -119,8 +120,6 @@ def _json_safe(value: Any, what: str) -> Any:
 
 
 def serve(conn: Connection) -> None:
-    from leakbench.defenses.base import Defense
-
     reply = Reply(conn)
     defense = None
     user_file: str | None = None
@@ -189,7 +188,7 @@ def serve(conn: Connection) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="leakbench.submission_worker")
+    ap = argparse.ArgumentParser(prog="leakbench.leaderboard.sandbox_worker")
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--memory-mb", type=int, required=True)
     ap.add_argument("--cpu-seconds", type=int, required=True)

@@ -25,9 +25,8 @@ ordinary participant.
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -35,286 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageData
-from .errors import ConfigError
-from .sampling import laplace_noise  # noqa: F401  (also re-exported: collab.laplace_noise)
-from .threat import parameter_gradients
-from .training import evaluate
-
-UPLOAD_CRITERIA = ("largest", "random", "threshold", "sparse-vector")
-ORDERS = ("sequential", "round-robin-async")
-OPTIMIZERS = ("sgd", "adam")
+from ..data import ImageData
+from ..errors import ConfigError
+from ..models import build_model
+from ..threat import parameter_gradients
+from ..training import evaluate
+from .config import ProtocolConfig
+from .sparse_vector import sparse_vector_privacy, sparse_vector_upload
+from .upload import fraction_count, select_upload, upload_count
 
 # local_gradient(model, x, soft_labels, generator=) -> one gradient per trainable parameter
 # (a Defense's compute_update fits: DP-SGD plugs in its per-example clipping and noise here).
 LocalGradient = Callable[..., list[torch.Tensor]]
-
-
-# -- the agreed configuration ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ProtocolConfig:
-    """Everything the participants agree on before training (Hitaj et al. Algorithm 1, pre-training phase).
-
-    Defaults are the Hitaj et al. MNIST setting (Section 8.4, Figure 6a): two participants with digits
-    0-4 and 5-9, SGD with lr 1e-3, decay 1e-7, no momentum, batch 64, full upload and download.
-    """
-
-    model: str | None = "hitaj-mnist-cnn"      # registered architecture (unused when an initial model is given)
-    model_params: dict = field(default_factory=dict)
-    participant_labels: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
-    samples_per_participant: int | None = None  # cap on each participant's private data (None: all)
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    lr_decay: float = 1e-7                       # Torch7 style: lr / (1 + local_step * lr_decay)
-    momentum: float = 0.0
-    batch_size: int = 64
-    local_epochs: int = 1                        # passes over the local data per turn
-    local_batches: int | None = None             # optional cap on SGD steps per turn
-    theta_u: float = 1.0                         # fraction of the update uploaded per turn
-    theta_d: float = 1.0                         # fraction of the global parameters downloaded per turn
-    upload_criterion: str = "largest"
-    tau: float = 0.0                             # threshold of "threshold" and "sparse-vector" selection
-    gamma: float | None = None                   # bound on each uploaded value (None: unbounded)
-    epsilon_c: float | None = None               # "sparse-vector" only: privacy budget per uploaded parameter
-    order: str = "sequential"
-    max_rounds: int = 10                         # stopping rule: at most this many rounds ...
-    target_accuracy: float | None = None         # ... or until the global test accuracy reaches this
-    evaluate_local: bool = True                  # also test every local model each round (costs time)
-
-    def __post_init__(self) -> None:
-        # YAML gives lists; the config is frozen, so normalise once here
-        labels = self.participant_labels
-        if not isinstance(labels, (list, tuple)) or not labels:
-            _bad("participant_labels", labels, "a non-empty list of label lists, one per participant")
-        normalised = []
-        for entry in labels:
-            if not isinstance(entry, (list, tuple)) or any(
-                    isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in entry):
-                _bad("participant_labels", labels, "a list of lists of class indices >= 0")
-            if len(set(entry)) != len(entry):
-                _bad("participant_labels", labels, "label lists without repeats")
-            normalised.append(tuple(int(v) for v in entry))
-        object.__setattr__(self, "participant_labels", tuple(normalised))
-        if not isinstance(self.model_params, Mapping):
-            _bad("model_params", self.model_params, "a mapping")
-        object.__setattr__(self, "model_params", dict(self.model_params))
-
-        if self.model is not None and not isinstance(self.model, str):
-            _bad("model", self.model, "a registered model name or null")
-        _check_int(self, "samples_per_participant", low=1, nullable=True)
-        _check_choice(self, "optimizer", OPTIMIZERS)
-        _check_number(self, "lr", low=0.0, low_open=True)
-        _check_number(self, "lr_decay", low=0.0)
-        _check_number(self, "momentum", low=0.0, high=1.0, high_open=True)
-        _check_int(self, "batch_size", low=1)
-        _check_int(self, "local_epochs", low=1)
-        _check_int(self, "local_batches", low=1, nullable=True)
-        _check_number(self, "theta_u", low=0.0, high=1.0, low_open=True)
-        _check_number(self, "theta_d", low=0.0, high=1.0)
-        _check_choice(self, "upload_criterion", UPLOAD_CRITERIA)
-        _check_number(self, "tau", low=0.0)
-        _check_number(self, "gamma", low=0.0, low_open=True, nullable=True)
-        _check_number(self, "epsilon_c", low=0.0, low_open=True, nullable=True)
-        _check_choice(self, "order", ORDERS)
-        _check_int(self, "max_rounds", low=0)
-        _check_number(self, "target_accuracy", low=0.0, high=1.0, nullable=True)
-        if not isinstance(self.evaluate_local, bool):
-            _bad("evaluate_local", self.evaluate_local, "true or false")
-        if self.upload_criterion == "sparse-vector":
-            if self.epsilon_c is None:
-                _bad("epsilon_c", None, "a number > 0 (upload_criterion 'sparse-vector' needs a budget)")
-            if self.gamma is None:
-                _bad("gamma", None, "a number > 0 (the sparse vector technique needs bounded values)")
-        elif self.epsilon_c is not None:
-            _bad("epsilon_c", self.epsilon_c, "null unless upload_criterion is 'sparse-vector'")
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "ProtocolConfig":
-        cfg = dict(cfg or {})
-        names = [f.name for f in fields(cls)]
-        extra = sorted(set(cfg) - set(names))
-        if extra:
-            raise ConfigError(f"protocol: unknown key {extra[0]!r}; allowed: {', '.join(names)}")
-        return cls(**cfg)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["participant_labels"] = [list(labels) for labels in self.participant_labels]
-        return out
-
-
-def _bad(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"protocol.{key} = {value!r} is invalid; allowed: {allowed}")
-
-
-def _check_choice(cfg: ProtocolConfig, key: str, choices: Sequence[str]) -> None:
-    value = getattr(cfg, key)
-    if value not in choices:
-        _bad(key, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_int(cfg: ProtocolConfig, key: str, *, low: int, nullable: bool = False) -> None:
-    value = getattr(cfg, key)
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _bad(key, value, f"an integer >= {low}" + (" or null" if nullable else ""))
-
-
-def _check_number(cfg: ProtocolConfig, key: str, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False, nullable: bool = False) -> None:
-    value = getattr(cfg, key)
-    if value is None and nullable:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        bounds = " and ".join(b for b in (lo, hi) if b)
-        _bad(key, value, "a number" + (f" {bounds}" if bounds else "") + (" or null" if nullable else ""))
-    object.__setattr__(cfg, key, float(value))
-
-
-# -- what is exchanged: counts, selection, bounding, the sparse vector technique ----------------------
-
-def fraction_count(fraction: float, total: int) -> int:
-    """``floor(fraction * total)`` (tolerant of float error, e.g. 0.3 * 10), as the papers count
-    theta_u |w| and theta_d |w|."""
-    return min(total, int(math.floor(fraction * total + 1e-9)))
-
-
-def upload_count(theta_u: float, num_params: int) -> int:
-    """c = theta_u * |w|, the most values one upload may contain (at least one)."""
-    return max(1, fraction_count(theta_u, num_params))
-
-
-def select_upload(delta: torch.Tensor, *, count: int, criterion: str, tau: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices (distinct) of the entries of the flat update ``delta`` to upload, without noise.
-
-    ``largest``: the ``count`` largest magnitudes. ``random``: ``count`` uniformly random entries.
-    ``threshold``: a random subset of at most ``count`` entries with ``|delta| > tau`` (fewer when
-    fewer pass), Shokri-Shmatikov's "random subset of values above a threshold".
-    """
-    n = delta.numel()
-    count = min(count, n)
-    if criterion == "largest":
-        return torch.topk(delta.abs(), count, sorted=False).indices
-    if criterion == "random":
-        return torch.randperm(n, generator=generator)[:count]
-    if criterion == "threshold":
-        above = (delta.abs() > tau).nonzero().flatten()
-        return above[torch.randperm(above.numel(), generator=generator)[:count]]
-    raise ValueError(f"no plain selection for criterion {criterion!r}")
-
-
-@dataclass(frozen=True)
-class SparseVectorScales:
-    """Laplace scales of the DP upload: noise on the threshold, on each candidate, on each released value."""
-
-    threshold: float
-    candidate: float
-    value: float
-
-
-def sparse_vector_scales(*, epsilon_c: float, gamma: float, count: int) -> SparseVectorScales:
-    """Noise scales of one differentially private upload (Dwork & Roth's NumericSparse, as Shokri &
-    Shmatikov use it).
-
-    The budget of one upload (one participant, one epoch) is ``epsilon = count * epsilon_c``: Hitaj et
-    al. describe epsilon_c as the budget per parameter, the per-epoch budget being split into c parts.
-    With sensitivity ``Delta = 2 * gamma`` (our reading: a released value is bounded to [-gamma, gamma],
-    so one record changes it by at most 2 gamma; the selection query |bound(w)| has sensitivity gamma, so
-    2 gamma is conservative for it) and ``sigma(e) = 2 c Delta / e``:
-
-    * selection, ``epsilon_1 = 8/9 epsilon``: threshold noise Lap(sigma(epsilon_1)), redrawn after every
-      positive answer; candidate noise Lap(2 sigma(epsilon_1));
-    * release, ``epsilon_2 = 2/9 epsilon``: value noise Lap(sigma(epsilon_2)). NumericSparse writes the
-      release budget as 2/9 epsilon, but each of the c released values costs
-      Delta / sigma(epsilon_2) = epsilon / (9 c), i.e. epsilon / 9 in total: the "1/9 for releasing the
-      values" of Hitaj et al. Section 9.4 (selection 8/9 + release 1/9 = epsilon).
-
-    ``count`` cancels: threshold 9 Delta / (4 epsilon_c), candidate 9 Delta / (2 epsilon_c), value
-    9 Delta / epsilon_c.
-    """
-    epsilon = count * epsilon_c
-    sensitivity = 2.0 * gamma
-    epsilon_select, epsilon_release = 8.0 / 9.0 * epsilon, 2.0 / 9.0 * epsilon
-
-    def sigma(budget: float) -> float:
-        return 2.0 * count * sensitivity / budget
-
-    return SparseVectorScales(threshold=sigma(epsilon_select), candidate=2.0 * sigma(epsilon_select),
-                              value=sigma(epsilon_release))
-
-
-def sparse_vector_upload(delta: torch.Tensor, *, count: int, epsilon_c: float, tau: float, gamma: float,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The differentially private upload of Shokri & Shmatikov: at most ``count`` entries of the flat
-    update, chosen by the sparse vector technique, released with Laplace noise and bounded by gamma.
-
-    Candidates are examined in a random order; candidate j is selected when
-    ``|bound(delta_j)| + Lap(candidate) >= tau + rho``, where rho ~ Lap(threshold) is redrawn after each
-    selection (NumericSparse); the scan stops after ``count`` selections. A selected value is released
-    as ``bound(bound(delta_j) + Lap(value))`` (the outer bound is post-processing: the server never sees
-    more than gamma). Returns (indices, values).
-    """
-    scales = sparse_vector_scales(epsilon_c=epsilon_c, gamma=gamma, count=count)
-    n = delta.numel()
-    order = torch.randperm(n, generator=generator)
-    bounded = delta.detach().to(torch.float64).clamp(-gamma, gamma)
-    margin = bounded[order].abs() + laplace_noise(scales.candidate, n, generator=generator) - tau
-    thresholds = laplace_noise(scales.threshold, min(count, n), generator=generator)
-    chosen = order[_sparse_vector_scan(margin.tolist(), thresholds.tolist())]
-    noisy = bounded[chosen] + laplace_noise(scales.value, chosen.numel(), generator=generator)
-    return chosen, noisy.clamp(-gamma, gamma).to(delta.dtype)
-
-
-def _sparse_vector_scan(margins: list[float], thresholds: list[float]) -> list[int]:
-    """Positions whose noisy margin passes the current noisy threshold, which changes after each pass.
-
-    The threshold redraw makes this scan inherently sequential: a plain loop over Python floats is O(|w|)
-    (a few tens of ms for 10^5 parameters), where a vectorised search per selection would be O(c |w|).
-    """
-    passed: list[int] = []
-    if not thresholds:
-        return passed
-    current = 0
-    for position, margin in enumerate(margins):
-        if margin >= thresholds[current]:
-            passed.append(position)
-            current += 1
-            if current == len(thresholds):
-                break
-    return passed
-
-
-def sparse_vector_privacy(*, epsilon_c: float, num_params: int, theta_u: float,
-                          uploads: int | None = None) -> dict[str, Any]:
-    """The record-level guarantee a ``sparse-vector`` setting implies for one participant.
-
-    ``epsilon`` is the budget of one upload (one epoch of one participant), c * epsilon_c: what Shokri &
-    Shmatikov claim. It is not composed over epochs; ``epsilon_basic_composition`` says what sequential
-    composition over ``uploads`` uploads would give, for comparison (nobody claims it).
-    """
-    count = upload_count(theta_u, num_params)
-    out: dict[str, Any] = {
-        "epsilon": count * epsilon_c,
-        "delta": 0.0,
-        "epsilon_c": epsilon_c,
-        "max_shared_per_epoch": count,
-        "scope": "record-level, per participant per epoch (one upload); not composed over epochs",
-        "accountant": "sparse-vector",
-    }
-    if uploads is not None:
-        out["uploads"] = uploads
-        out["epsilon_basic_composition"] = uploads * count * epsilon_c
-    return out
 
 
 Uploader = Callable[[torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
@@ -594,8 +325,6 @@ class CollaborativeLearning:
             if config.model is None:
                 raise ConfigError("protocol.model = None is invalid; allowed: a registered model name "
                                   "(or pass an initial model)")
-            from .models import build_model
-
             initial_model = build_model(config.model, train.shape, train.num_classes, seed=seed,
                                         **config.model_params)
         self.global_model = copy.deepcopy(initial_model)

@@ -6,13 +6,27 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+from tabulate import tabulate
 
-from .errors import ConfigError
-from .results import ResultsStore, atomic_write_text
+from ..cells.base import TableColumn
+from ..errors import ConfigError
+from ..registry import CELL_KINDS
+from ..storage import atomic_write_text
+from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples
+from .results import ResultsStore
 
-DEFENDED, LEAKS, NO_VERDICT = "✓", "✗", "–"
+
+def kind_columns(setting: str) -> tuple[TableColumn, ...]:
+    """The per-attack table columns of a record's kind of cell (none when no installed plugin registers
+    the kind: the leak rate and verdict still show)."""
+    return CELL_KINDS.get(setting).columns if setting in CELL_KINDS else ()
+
+
+def _formatted(value, style: str) -> str:
+    if style == "decibel":
+        return f"{value:.1f}"
+    return _pct(value)
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
@@ -82,11 +96,8 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
         for _, r in part.iterrows():
             a = str(r["attack"])
             row[f"{a} leak"] = _pct(r["leak_rate"])
-            if r["setting"] in ("collaborative", "model"):  # class look-alikes: judged by the oracle, not PSNR
-                row[f"{a} oracle"] = _pct(r["oracle_accuracy"])
-                row[f"{a} model acc"] = _pct(r["protocol_accuracy"])
-            else:
-                row[f"{a} PSNR"] = f"{r['psnr']:.1f}"
+            for column in kind_columns(r["setting"]):  # e.g. PSNR for reconstructions, oracle for class look-alikes
+                row[f"{a} {column.label}"] = _formatted(r[column.column], column.style)
             row[f"{a} defends"] = (DEFENDED if r["defended"] else LEAKS) if r["attack_works"] else NO_VERDICT
         rows.append(row)
     return pd.DataFrame(rows).fillna("")  # blocks of a grid with different attacks leave gaps
@@ -111,7 +122,6 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     if not records:
         raise ConfigError(f"no finished cells in {out / 'results.jsonl'}; run `leakbench run --out {out}` first")
     table = defendability_table(records)
-    from tabulate import tabulate
 
     # one table per dataset/model block: blocks with different attacks would leave wide gaps
     blocks = {}
@@ -143,57 +153,5 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
     summary_frame(records).to_csv(out / "summary.csv", index=False)
     if images:
-        render_reconstructions(out, records)
+        render_samples(out, records)
     return md + "\n" + legend
-
-
-def render_reconstructions(out: Path, records: list[dict], max_samples: int = 8) -> list[Path]:
-    """One PNG per attack: originals on top, then a row of matched reconstructions per defense setting
-    (the attack's first dataset, model and seed in the grid); for GAN attacks the 'originals' are each
-    sample's nearest real image of the victim's class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for attack in dict.fromkeys(r["attack"] for r in records):
-        first = next(r for r in records if r["attack"] == attack)  # its first dataset, model and seed
-        rows = [r for r in records if r["attack"] == attack and r["dataset"] == first["dataset"]
-                and r["model"] == first["model"] and r["seed"] == first["seed"]]
-        loaded = []
-        for r in rows:
-            path = out / "reconstructions" / f"{r['key']}.npz"
-            if path.exists():
-                with np.load(path) as z:
-                    loaded.append((r, z["originals"][:max_samples], z["reconstructions"][:max_samples]))
-        if not loaded:
-            continue
-        # a setting whose private batches differ from the first row's (large-batch) gets its own originals
-        panels: list[tuple[str, np.ndarray]] = [("original", loaded[0][1])]
-        for r, orig, recon in loaded:
-            if orig.shape != loaded[0][1].shape or not np.array_equal(orig, loaded[0][1]):
-                panels.append((f"original ({r['defense_label']})", orig))
-            mark = DEFENDED if r["verdict"]["defended"] else LEAKS
-            panels.append((f"{r['defense_label']} {mark}", recon))
-        n = max(len(images) for _, images in panels)
-        fig, axes = plt.subplots(len(panels), n, figsize=(1.2 * n + 1.8, 1.2 * len(panels)), squeeze=False)
-        for ax in axes.flat:
-            ax.set_xticks([]), ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        for i, (label, images) in enumerate(panels):
-            for j, img in enumerate(images):
-                img = np.clip(img, 0, 1)
-                if img.shape[0] == 1:
-                    axes[i, j].imshow(img[0], cmap="gray", vmin=0, vmax=1)
-                else:
-                    axes[i, j].imshow(np.transpose(img, (1, 2, 0)))
-            axes[i, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-        fig.suptitle(f"{attack} on {first['dataset']} / {first['model']}", fontsize=9)
-        fig.tight_layout()
-        path = out / f"reconstructions_{attack}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")  # keep the long row labels
-        plt.close(fig)
-        written.append(path)
-    return written

@@ -1,0 +1,138 @@
+"""The leaderboard protocol: one defense run through a fixed, versioned grid.
+
+A protocol is a grid (``configs/leaderboard-v1.yaml``, ``configs/leaderboard-v1-smoke.yaml``: attacks and
+their budgets, adaptive variants, dataset, model, seeds, targets, accuracy training) plus how entries are
+judged (``configs/_leaderboard.yaml``: accuracy floor, verify tolerance). The submitted defense replaces
+the grid's placeholder defense, in the grid and in its subgrids (model inversion and the GAN attack, which
+need their own model and data); every number comes from ``Runner.run_cell``, the same scoring and verdict
+rule as any grid, and the baseline accuracy from ``Runner.accuracy`` of ``none``. The entry's accuracy is
+the first cell's, the main grid's.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from ..cells.base import record_kind
+from ..errors import ConfigError
+from ..run.grid import Cell, ComponentSpec, parse_grid, read_grid_yaml, resolve_grid_path
+from ..run.runner import Runner, RunOptions
+from ..yaml_config import deep_merge, relative_to
+from .sandbox import DefenseSource, SandboxLimits, submitted_defense
+
+PROTOCOLS_FILE = "_leaderboard"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str                      # v1, v1-smoke: the board folder
+    version: str
+    grid: str                      # the shipped grid that states the runs
+    accuracy_floor_fraction: float
+    tolerance: dict
+
+    def grid_raw(self) -> dict:
+        return read_grid_yaml(self.grid)
+
+
+def protocols() -> dict[str, Protocol]:
+    raw = yaml.safe_load(resources.files("leakbench.configs").joinpath(f"{PROTOCOLS_FILE}.yaml").read_text())
+    return {name: Protocol(name=name, version=str(spec["version"]), grid=spec["grid"],
+                           accuracy_floor_fraction=float(spec["accuracy_floor_fraction"]),
+                           tolerance=dict(spec["verify"]["tolerance"]))
+            for name, spec in raw.items()}
+
+
+def load_protocol(name: str) -> Protocol:
+    known = protocols()
+    if name not in known:
+        raise ConfigError(f"unknown protocol {name!r}; allowed: {', '.join(sorted(known))}")
+    return known[name]
+
+
+@dataclass
+class Measured:
+    """What one protocol run measured, before it becomes an entry."""
+
+    records: list[dict]
+    baseline_accuracy: float
+    params: dict
+    label: str
+    privacy_claim: dict
+    seeds: list[int]
+    device: str
+    wall_seconds: float
+
+
+def run_protocol(source: DefenseSource, params: dict, *, name: str, protocol: Protocol,
+                 data_dir: str | None = None, limits: SandboxLimits | None = None, device: str = "cpu",
+                 overrides: dict | None = None, first_cell_only: bool = False,
+                 progress: Callable[[str], None] | None = None) -> Measured:
+    """Run ``protocol``'s cells against the defense. ``overrides`` deep-merge into the protocol's grid
+    (tests use a tiny budget); ``first_cell_only`` runs the accuracy run and the first attack cell, in
+    the same order as a full run, which is what ``verify`` samples."""
+    # one intra-op thread: the protocol's models are tiny (it is also the fastest), and CPU results then
+    # do not depend on the machine's core count, which verify relies on
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    raw = deep_merge(protocol.grid_raw(), overrides or {})
+    with submitted_defense(source, params, name=name, limits=limits) as submitted, \
+            tempfile.TemporaryDirectory(prefix="leakbench-board-") as tmp:
+        defense = {"name": submitted.registry_name, "params": submitted.params}
+        grid = protocol_grid(raw, defense, source=str(resolve_grid_path(protocol.grid)))
+        runner = Runner(grid, RunOptions(out_dir=Path(tmp), data_dir=data_dir, device=device, progress=False))
+        for g in grid.all_grids():  # a missing dataset is bad input: fail before the defense runs
+            for ds in g.datasets:
+                runner.dataset(ds, g.split)
+        cells = grid.cells()[:1] if first_cell_only else grid.cells()
+        records = []
+        for cell in cells:
+            record = runner.run_cell(cell)
+            records.append(record)
+            if progress:
+                progress(progress_line(record))
+        first = cells[0]
+        baseline = runner.accuracy(Cell(first.attack, ComponentSpec("none", {}), first.dataset, first.model,
+                                        first.seed, grid))
+        details = records[0]["accuracy_details"]
+        claim = submitted.privacy_claim(steps=int(details.get("train_steps") or 0),
+                                        sample_rate=float(details.get("train_batch_size") or 1)
+                                        / max(1, int(details.get("train_samples") or 1)))
+        return Measured(records=records, baseline_accuracy=float(baseline["accuracy"]), params=submitted.params,
+                        label=submitted.label, privacy_claim=claim, seeds=list(grid.seeds), device=device,
+                        wall_seconds=time.perf_counter() - started)
+
+
+def protocol_grid(raw: dict, defense: dict, *, source: str):
+    """The protocol's grid with ``defense`` in place of the placeholder, in the grid and in every subgrid
+    (model inversion and the GAN attack need their own model and dataset, so they are subgrids: each
+    cell keeps its own grid's settings). ``raw["subgrids"]`` lists grid names or paths relative to
+    ``source``, or inline grid mappings (tests' tiny budgets)."""
+    raw = dict(raw)
+    subgrids = raw.pop("subgrids", None) or []
+    if not isinstance(subgrids, list):
+        raise ConfigError(f"grid {source}: subgrids must be a list of grid names or mappings")
+    grid = parse_grid({**raw, "defenses": [defense]}, source=source)
+    for sub in subgrids:
+        if isinstance(sub, dict):
+            grid.subgrids.append(protocol_grid(sub, defense, source=source))
+        elif isinstance(sub, str):
+            path = resolve_grid_path(relative_to(source, sub))
+            grid.subgrids.append(protocol_grid(read_grid_yaml(path), defense, source=str(path)))
+        else:
+            raise ConfigError(f"grid {source}: subgrids entry {sub!r} is invalid; allowed: a grid name or mapping")
+    return grid
+
+
+def progress_line(record: dict) -> str:
+    """One line per attack cell while a submission runs."""
+    m = record["metrics"]
+    return (f"  {record['attack']:<15} leak {m['leak_rate']:.0%}  {record_kind(record).progress(m)}  "
+            f"accuracy {record['accuracy']:.1%}  ({record['wall_seconds']:.1f} s)")

@@ -1,0 +1,60 @@
+"""Ranking a board: the order, the accuracy-vs-leakage Pareto front, the accuracy floor, and the one
+paragraph that states them above every rendering (Markdown and HTML)."""
+from __future__ import annotations
+
+from .schema import Entry
+
+RANKING_RULE = (
+    "Entries that meet the protocol's accuracy floor come first, ordered by worst-case leak rate over "
+    "the protocol's attacks (lower is better), then by accuracy (higher is better), then by name. "
+    "Entries below the floor follow, flagged, in the same order. ★ marks the accuracy-vs-leakage "
+    "Pareto front: no other entry has accuracy at least as high and worst-case leak at most as low, "
+    "with one of the two strictly better."
+)
+
+
+def percent(v: float | None) -> str:
+    """A rate as shown on a board: one decimal, "–" when absent."""
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def common_floor(entries: list[Entry]) -> float | None:
+    """The board's accuracy floor, or None when entries differ: the floor is a fraction of the
+    no-defense accuracy, which each submission measures on its own hardware."""
+    floors = {e.accuracy_floor for e in entries}
+    return floors.pop() if len(floors) == 1 else None
+
+
+def rank(entries: list[Entry]) -> list[Entry]:
+    """The board's order: floor met first; then worst-case leak ascending, accuracy descending, name."""
+    return sorted(entries, key=lambda e: (e.below_floor, e.worst_leak, -e.accuracy, e.name))
+
+
+def pareto(entries: list[Entry]) -> set[str]:
+    """Names of the entries on the accuracy-vs-leakage Pareto front (over all entries, floor or not)."""
+    def dominates(a: Entry, b: Entry) -> bool:
+        return (a.accuracy >= b.accuracy and a.worst_leak <= b.worst_leak
+                and (a.accuracy > b.accuracy or a.worst_leak < b.worst_leak))
+
+    return {e.name for e in entries if not any(dominates(o, e) for o in entries if o is not e)}
+
+
+def attack_columns(entries: list[Entry]) -> list[str]:
+    """Attack names over a board, in the order the entries list them."""
+    return list(dict.fromkeys(a for e in entries for a in e.data["attacks"]))
+
+
+def board_summary(protocol: str, entries: list[Entry]) -> str:
+    """The paragraph above a board: the protocol, its floor and baseline, and the ranking rule."""
+    if not entries:
+        return f"Protocol `{protocol}`: no entries yet."
+    def span(values: set[float]) -> str:
+        return percent(min(values)) if len(values) == 1 else f"{percent(min(values))}–{percent(max(values))}"
+
+    baseline = span({e.data["accuracy"]["baseline"] for e in entries})
+    floor = span({e.accuracy_floor for e in entries})
+    n_below = sum(e.below_floor for e in entries)
+    return (f"Protocol `{protocol}`: {len(entries)} entries, {len(pareto(entries))} on the Pareto front, "
+            f"{n_below} below the accuracy floor of {floor}. Accuracy without a "
+            f"defense: {baseline}; drop is in percentage points against it. Leak rates are measured by "
+            f"leakbench under the protocol's attacks; ε is the defense's privacy budget where it has one.")

@@ -1,0 +1,181 @@
+"""Runs a grid: each pending cell (or program of cells, see ``program_key``) goes to its kind of cell
+(``leakbench.cells``) with the run's shared context, and every record is appended to ``results.jsonl``
+as it finishes. The runner knows no kind of cell by name."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import numpy as np
+import sklearn
+import torch
+from tqdm import tqdm
+
+from .. import cells as _cells  # noqa: F401  (registers the built-in kinds of cell)
+from ..cells.base import CellKind
+from ..storage import atomic_write_text
+from ..version import __version__
+from .context import RunContext
+from .grid import Cell, ComponentSpec, Grid
+from .results import ResultsStore
+
+if TYPE_CHECKING:  # pragma: no cover  (executors import the runner: their workers build one)
+    from .executors import CellExecutor
+
+# targets in one engine program of several cells: four times the engine's default 64 slots, enough for
+# full batches and a short tail, while `full` still splits into 54 jobs for a cluster's workers
+MAX_PROGRAM_TARGETS = 256
+
+
+def library_versions() -> dict[str, str]:
+    return {"leakbench": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "datasets": datasets.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def program_key(cell: Cell) -> str | None:
+    """Cells with the same key run as one program (one call of their kind's ``run``); None: alone. Which
+    cells may share a program is their kind's decision (``CellKind.program_key``)."""
+    return cell.kind.program_key(cell)
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path
+    data_dir: str | None = None
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+class Runner:
+    def __init__(self, grid: Grid, options: RunOptions) -> None:
+        self.grid = grid
+        self.options = options
+        self.context = RunContext(out_dir=options.out_dir, cache_dir=self.cache_dir, data_dir=options.data_dir,
+                                  device=options.device)
+
+    # -- paths -------------------------------------------------------------------------------------
+    @property
+    def store(self) -> ResultsStore:
+        return ResultsStore(self.options.out_dir / "results.jsonl")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.options.cache_dir or (self.options.out_dir / "cache")
+
+    # -- shared work (the context's, for callers outside a cell) ---------------------------------
+    def dataset(self, spec: ComponentSpec, split: str):
+        return self.context.dataset(spec, split)
+
+    def accuracy(self, cell: Cell, *, wait: bool = True) -> dict[str, Any] | None:
+        return self.context.accuracy(cell, wait=wait)
+
+    def trained_model(self, cell: Cell):
+        return self.context.trained_model(cell)
+
+    def accuracy_cache_path(self, cell: Cell) -> Path:
+        return self.context.accuracy_cache_path(cell)
+
+    # -- one cell, or one program of cells --------------------------------------------------------
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """One cell's record, computed on its own (the leaderboard protocol's path)."""
+        return self.run_job(Job((cell.key(),), (cell.key(),)), cells={cell.key(): cell})[0]
+
+    def run_job(self, job: "Job", cells: dict[str, Cell] | None = None) -> list[dict[str, Any]]:
+        """The records of ``job.pending``. A job of several cells is one program, run by their kind in
+        one call; the whole program runs even when only some of it is pending, so that a cell's numbers
+        never depend on what a resumed run skips."""
+        cells = cells if cells is not None else {c.key(): c for c in self.grid.cells()}
+        members = [cells[k] for k in job.cells]
+        kind: CellKind = members[0].kind
+        records = kind.run(self.context, members)
+        out = []
+        for cell, record in zip(members, records):
+            if cell.key() in job.pending:
+                record["versions"] = library_versions()
+                record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                out.append(record)
+        return out
+
+    def jobs(self, cells: list[Cell]) -> list["Job"]:
+        """``cells`` (the pending ones) as jobs, in the order their first cell comes in ``cells``: each
+        program whole (fixed by the grid), the other cells one job each. A group of cells with the
+        same :func:`program_key` is cut, in grid order, into programs of at most
+        ``MAX_PROGRAM_TARGETS`` targets, so that a cluster still gets enough jobs to spread."""
+        groups: dict[str, list[Cell]] = {}
+        for cell in self.grid.cells():
+            key = program_key(cell)
+            if key is not None:
+                groups.setdefault(key, []).append(cell)
+        program_of: dict[str, tuple[str, ...]] = {}
+        for members in groups.values():
+            per_program = max(1, MAX_PROGRAM_TARGETS // members[0].grid.targets)
+            for start in range(0, len(members), per_program):
+                chunk = tuple(c.key() for c in members[start:start + per_program])
+                for key in chunk:
+                    program_of[key] = chunk
+        pending = {c.key() for c in cells}
+        jobs, seen = [], set()
+        for cell in cells:
+            program = program_of.get(cell.key(), (cell.key(),))
+            if program not in seen:
+                seen.add(program)
+                jobs.append(Job(program, tuple(k for k in program if k in pending)))
+        return jobs
+
+    # -- the whole grid ----------------------------------------------------------------------------
+    def pending(self) -> list[Cell]:
+        done = self.store.completed_keys(repair=True)
+        return [c for c in self.grid.cells() if c.key() not in done]
+
+    def run(self, executor: "CellExecutor | None" = None) -> list[dict]:
+        """Run every pending cell on ``executor`` (default: serially, here, in grid order), appending each
+        record as it finishes; returns the new records. Only this process writes results.jsonl."""
+        out = self.options.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        all_cells = self.grid.cells()
+        # the cell order lets the report keep the grid's order whatever order workers finish in
+        snapshot = {**_grid_snapshot(self.grid), "cell_keys": [c.key() for c in all_cells]}
+        atomic_write_text(out / "grid.json", json.dumps(snapshot, indent=2, sort_keys=True))
+        cells = self.pending()
+        jobs = self.jobs(cells)
+        if executor is None:
+            by_key = {c.key(): c for c in all_cells}
+            finished = (record for job in jobs for record in self.run_job(job, by_key))
+        else:
+            finished = executor.run(self, jobs)
+        bar = tqdm(total=len(all_cells), initial=len(all_cells) - len(cells), unit="cell",
+                   desc=f"leakbench {self.grid.name}", disable=not self.options.progress, file=sys.stderr)
+        written = []
+        for record in finished:
+            self.store.append(record)
+            written.append(record)
+            bar.set_postfix_str(f"{record['attack']} vs {record['defense_label']}")
+            bar.update(1)
+        bar.close()
+        return written
+
+
+@dataclass(frozen=True)
+class Job:
+    """What an executor runs as one unit: the keys of cells computed together, and those of them whose
+    records are wanted (the pending ones)."""
+
+    cells: tuple[str, ...]
+    pending: tuple[str, ...]
+
+
+def _grid_snapshot(grid: Grid) -> dict:
+    return {"name": grid.name, "description": grid.description, "source": grid.source,
+            "datasets": [d.as_dict() for d in grid.datasets], "models": [m.as_dict() for m in grid.models],
+            "attacks": [a.as_dict() for a in grid.attacks], "defenses": [d.as_dict() for d in grid.defenses],
+            "seeds": grid.seeds, "targets": grid.targets, "split": grid.split, "threat": grid.threat,
+            "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol), "oracle": dict(grid.oracle), "batch_cells": grid.batch_cells,
+            "subgrids": [_grid_snapshot(g) for g in grid.subgrids]}
