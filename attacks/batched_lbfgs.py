@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from .native import lbfgs_kernel
+
 # (instance ids (k,), variables (k, D)) -> (objective (k,), gradient (k, D)); the ids let the caller
 # pick each instance's own model weights and target.
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -103,7 +105,6 @@ class BatchedLBFGS:
         k = min(self.slots, M)
         s = _SlotState(k, D, self.m, dev, dt)
         if self.native and dev.type == "cpu":
-            from .native import lbfgs_kernel
             s.kernel = lbfgs_kernel()
         for slot in range(k):
             s.load(slot, waiting.pop(), x0)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .params import Component, Param
-from .registry import register_dataset
+from .registry import DATASETS, register_dataset
 
 DATA_DIR_ENV = "LEAKBENCH_DATA_DIR"
 SCALES = ("[0,1]", "[-1,1]")
@@ -272,6 +272,4 @@ class ATTFaces(FetchedDataset):
 
 def load(name: str, split: str = "train", *, data_dir=None, **params) -> ImageData:
     """Convenience: ``load("digits", "test", image_size=16)``."""
-    from .registry import DATASETS
-
     return DATASETS.build(name, params).load(split, data_dir=data_dir)

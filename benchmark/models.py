@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .params import Component, Param
-from .registry import register_model
+from .registry import MODELS, register_model
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -117,8 +117,6 @@ class MLPSpec(ModelSpec):
 
 
 def build_model(name: str, input_shape, num_classes: int, *, seed: int = 0, **params) -> nn.Module:
-    from .registry import MODELS
-
     generator = torch.Generator().manual_seed(seed)
     return MODELS.build(name, params).create(tuple(input_shape), num_classes, generator=generator)
 

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 _REQUIRED = object()
 
@@ -103,12 +103,8 @@ class Component:
         declared = {p.name: p for p in cls.params}
         unknown = sorted(set(given) - set(declared))
         if unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown[0], list(declared), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"{cls.owner_name()}: unknown parameter {unknown[0]!r}.{hint} "
+                f"{cls.owner_name()}: unknown parameter {unknown[0]!r}.{did_you_mean(unknown[0], declared)} "
                 f"Allowed: {', '.join(declared) or '(none)'}"
             )
         out: dict[str, Any] = {}
@@ -133,8 +129,6 @@ def check_section(section: str, cfg: Any, params: tuple[Param, ...], *, also: tu
     """A config mapping (``accuracy:``, ``verdict:`` ...) checked against declared parameters: unknown keys
     and bad values raise one-line ConfigErrors naming ``section.key``. Keys that are absent stay absent
     (the caller's defaults apply); keys in ``also`` are allowed and returned unchecked."""
-    import difflib
-
     cfg = dict(cfg or {}) if isinstance(cfg, dict) or cfg is None else None
     if cfg is None:
         raise ConfigError(f"{section} must be a mapping of keys")
@@ -142,7 +136,6 @@ def check_section(section: str, cfg: Any, params: tuple[Param, ...], *, also: tu
     allowed = sorted(set(declared) | set(also))
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], allowed, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{section}: unknown key {unknown[0]!r}.{hint} Allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{section}: unknown key {unknown[0]!r}.{did_you_mean(unknown[0], allowed)} "
+                          f"Allowed: {', '.join(allowed)}")
     return {k: declared[k].check(v, f"{section}.{k}") if k in declared else v for k, v in cfg.items()}

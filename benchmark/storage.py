@@ -6,10 +6,12 @@ computes an entry while the others wait on its lock and then read it.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import torch
 from filelock import FileLock, Timeout
 
 T = TypeVar("T")
@@ -29,10 +31,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_torch(path: Path, obj: Any) -> None:
     """``torch.save`` of tensors (or dicts of them), written atomically like the others."""
-    import io
-
-    import torch
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

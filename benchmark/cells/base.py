@@ -46,11 +46,12 @@ CLASS_REPRESENTATIVES = "class representatives"
 @dataclass(frozen=True)
 class TableColumn:
     """A per-attack column of the accuracy-vs-defendability table: ``"<attack> <label>"`` shows the
-    summary column ``column`` (see ``leakbench.run.report.summary_frame``: a record metric pooled over
-    seeds), formatted as ``style`` ("percent" or "decibel")."""
+    record metric ``metric`` (a key of ``record["metrics"]``) pooled over seeds by ``pool`` (a pandas
+    aggregation: "mean", "median", ...), formatted as ``style`` ("percent" or "decibel")."""
 
     label: str
-    column: str
+    metric: str
+    pool: str = "mean"
     style: str = "percent"
 
 

@@ -40,7 +40,7 @@ class GradientCells(CellKind):
     """One shared update per target (FedSGD): reconstruct the private batch from it."""
 
     threat_model = RECORD_RECONSTRUCTION
-    columns = (TableColumn("PSNR", "psnr", style="decibel"),)
+    columns = (TableColumn("PSNR", "psnr_median", pool="median", style="decibel"),)
     board_scores = (("psnr_median", 3), ("ssim_median", 4))
 
     def identity(self, cell: "Cell", grid: "Grid") -> dict[str, Any]:

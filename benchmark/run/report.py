@@ -25,7 +25,7 @@ def kind_columns(setting: str) -> tuple[TableColumn, ...]:
 
 def _formatted(value, style: str) -> str:
     if style == "decibel":
-        return f"{value:.1f}"
+        return "–" if value is None or math.isnan(value) else f"{value:.1f}"
     return _pct(value)
 
 
@@ -33,18 +33,21 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         m = r["metrics"]
+        setting = r.get("threat", {}).get("setting", "gradient")  # records before settings were recorded
         rows.append({
             "dataset": r["dataset"], "model": r["model"], "seed": r["seed"],
             "attack": r["attack"], "attack_params": json.dumps(r["attack_params"], sort_keys=True),
             "defense": r["defense_label"], "family": r["defense_family"],
             "accuracy": r.get("accuracy"), "epsilon": (r.get("privacy") or {}).get("epsilon"),
-            "setting": r.get("threat", {}).get("setting", "gradient"),
+            "setting": setting,
             "leak_rate": m["leak_rate"], "psnr": m.get("psnr_median"), "ssim": m.get("ssim_median"),
             "mse": m.get("mse_median"), "label_accuracy": m.get("label_accuracy"),
             "oracle_accuracy": m.get("oracle_accuracy"), "protocol_accuracy": m.get("protocol_accuracy"),
             "recovered_rate": m.get("recovered_rate"), "closure_evals": m.get("closure_evals_mean"),
             "max_leak_rate": r["verdict"]["max_leak_rate"], "rule": r["verdict"]["rule"],
             "wall_seconds": r.get("wall_seconds"),
+            # what the record's kind of cell shows beside the leak rate, pooled by summary_frame
+            **{f"column:{c.metric}": m.get(c.metric) for c in kind_columns(setting)},
         })
     return pd.DataFrame(rows)
 
@@ -61,6 +64,8 @@ def summary_frame(records: list[dict]) -> pd.DataFrame:
         max_leak_rate=("max_leak_rate", "first"), seeds=("seed", "nunique"), family=("family", "first"),
         setting=("setting", "first"), oracle_accuracy=("oracle_accuracy", "mean"),
         protocol_accuracy=("protocol_accuracy", "mean"),
+        **{f"column:{c.metric}": (f"column:{c.metric}", c.pool)
+           for c in dict.fromkeys(c for s in dict.fromkeys(df["setting"]) for c in kind_columns(s))},
     ).reset_index()
     agg["defended"] = agg["leak_rate"] <= agg["max_leak_rate"]
     # A verdict needs an attack that works: when the same attack does not leak against `none` on the
@@ -97,7 +102,7 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
             a = str(r["attack"])
             row[f"{a} leak"] = _pct(r["leak_rate"])
             for column in kind_columns(r["setting"]):  # e.g. PSNR for reconstructions, oracle for class look-alikes
-                row[f"{a} {column.label}"] = _formatted(r[column.column], column.style)
+                row[f"{a} {column.label}"] = _formatted(r[f"column:{column.metric}"], column.style)
             row[f"{a} defends"] = (DEFENDED if r["defended"] else LEAKS) if r["attack_works"] else NO_VERDICT
         rows.append(row)
     return pd.DataFrame(rows).fillna("")  # blocks of a grid with different attacks leave gaps

@@ -8,12 +8,11 @@ import platform
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-import sklearn
 import torch
 from tqdm import tqdm
 
@@ -35,7 +34,7 @@ MAX_PROGRAM_TARGETS = 256
 
 def library_versions() -> dict[str, str]:
     return {"leakbench": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "datasets": datasets.__version__, "scikit-learn": sklearn.__version__,
+            "datasets": version("datasets"), "scikit-learn": version("scikit-learn"),
             "python": platform.python_version()}
 
 

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from ..data import ImageData
@@ -91,6 +90,8 @@ def train_oracle(data: ImageData, *, seed: int = 0, epochs: int = 8, lr: float =
 def holdout_split(data: ImageData, *, fraction: float, seed: int = 0) -> tuple[ImageData, ImageData]:
     """(participants' pool, oracle's pool): a stratified disjoint split, so that the oracle never sees
     a record any participant holds."""
+    from sklearn.model_selection import train_test_split  # on first use: importing it takes ~2 s
+
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"oracle fraction = {fraction!r} is invalid; allowed: a number in (0, 1)")
     index = np.arange(len(data))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 
 def ssim_kernel(image_shape: tuple[int, ...]) -> tuple[int, float]:
@@ -18,6 +17,9 @@ def ssim_kernel(image_shape: tuple[int, ...]) -> tuple[int, float]:
 
 def ssim_per_sample(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM of each pair ``(x[i], y[i])``, images on [0, 1]: a vector of ``len(x)``."""
+    # on first use: importing torchmetrics takes about a second, and most commands never compute SSIM
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     kernel, sigma = ssim_kernel(x.shape)
     values = structural_similarity_index_measure(x, y, data_range=1.0, kernel_size=kernel, sigma=sigma,
                                                  reduction="none")
