@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from .run.executors import available_cores, make_executor
 from .run.grid import builtin_grids, load_grid
 from .run.report import render
 from .run.runner import Runner, RunOptions
+from .storage import check_writable
 from .version import __version__
+from .yaml_config import safe_load_bounded
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_BOARD_PROTOCOL = "v1-smoke"
@@ -63,9 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", default=None,
                      help="a running Ray cluster, e.g. HOST:6379 (default: start a local Ray instance)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--force", action="store_true",
+                     help="--out holds another grid's results: remove them (the cache stays) and start afresh")
 
     val = sub.add_parser("validate", help="check a grid without running it")
     val.add_argument("grid", help="a shipped grid name or a YAML path")
+    val.add_argument("--no-data", action="store_true",
+                     help="check the grid file only, not its data (sizes against the targets need the data)")
+    val.add_argument("--data-dir", default=None,
+                     help="local dataset mirror: DIR/<name>/<split>.parquet (default: $LEAKBENCH_DATA_DIR)")
 
     rep = sub.add_parser("report", help="re-render the tables and PNGs from DIR/results.jsonl")
     rep.add_argument("dir")
@@ -150,13 +159,17 @@ def cmd_run(args) -> int:
     executor = make_executor(args.executor, workers, args.threads, args.ray_address)
     data_dir = _data_dir(args.data_dir)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    check_writable(out, what="--out")
     runner = Runner(grid, RunOptions(out_dir=out, data_dir=data_dir, device=device,
                                      progress=not args.no_progress))
-    for g in grid.all_grids():  # a missing dataset is bad input: fail before the first cell runs
-        for ds in g.datasets:
-            runner.dataset(ds, g.split)
+    runner.claim_folder(force=args.force)
+    fresh = not out.exists()
+    try:  # a missing dataset or too many targets is bad input: fail before the first cell runs
+        runner.preflight()
+    except BaseException:
+        if fresh:  # leave nothing behind (decoded-data cache, lock files)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     with executor:
         runner.run(executor)
     print(render(out))
@@ -169,8 +182,13 @@ def cmd_validate(args) -> int:
     cells = grid.cells()
     parts = [f"{g.name}: {len(g.attacks)} attacks x {len(g.defenses)} defense settings x {len(g.datasets)} "
              f"datasets x {len(g.models)} models x {len(g.seeds)} seeds" for g in grid.all_grids()]
-    print(f"grid {grid.name!r} is valid: {len(cells)} cells ({'; '.join(parts)})")
-    jobs = Runner(grid, RunOptions(out_dir=Path("."))).jobs(cells)  # reads the grid only, writes nothing
+    # the data too (sizes against the targets), decoded in memory only: validate writes nothing
+    runner = Runner(grid, RunOptions(out_dir=Path("."), data_dir=_data_dir(args.data_dir), disk_cache=False))
+    if not args.no_data:
+        runner.preflight()
+    checked = "the file only" if args.no_data else "its data included"
+    print(f"grid {grid.name!r} is valid ({checked}): {len(cells)} cells ({'; '.join(parts)})")
+    jobs = runner.jobs(cells)
     programs = [j for j in jobs if len(j.cells) > 1]
     print(f"{len(jobs)} jobs: {len(programs)} engine programs of several cells "
           f"({sum(len(j.cells) for j in programs)} cells, batch_cells), {len(jobs) - len(programs)} cells on their own")
@@ -234,7 +252,7 @@ def _key_values(pairs: list[str], option: str) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"{option} {pair!r} is invalid; allowed: KEY=VALUE")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = safe_load_bounded(value, where=f"{option} {key.strip()}")
         except yaml.YAMLError:
             raise ConfigError(f"{option} {pair!r}: the value is not valid YAML") from None
     return out
@@ -258,7 +276,6 @@ def cmd_submit(args) -> int:
     data_dir = _data_dir(args.data_dir)
     torch.set_num_threads(1)  # the protocol's models are tiny: one thread is fastest and reproducible
     started = time.perf_counter()
-    print(f"leakbench submit: {args.spec} as {args.name!r} under protocol {protocol}", file=sys.stderr)
     path, entry = submit(args.spec, name=args.name, authors=args.authors, link=args.link,
                          params=_key_values(args.params, "--params"), protocol=protocol, reported=reported,
                          root=Path(args.root), replace=args.replace, limits=limits, data_dir=data_dir,

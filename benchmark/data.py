@@ -67,19 +67,46 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 
 
 def read_parquet_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """Read one HF-layout parquet split: uint8 images ``(N, H, W[, C])`` and int labels."""
+    """Read one HF-layout parquet split: uint8 images ``(N, H, W[, C])`` and int labels. A file that is
+    not parquet, lacks the columns, or holds a value that is not an image is a one-line ConfigError
+    naming the file."""
     import datasets
 
+    with open(path, "rb") as fh:  # parquet files begin and end with the magic bytes PAR1
+        head = fh.read(4)
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 4))
+        tail = fh.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        raise ConfigError(f"{path}: not a parquet file; allowed: a parquet split with 'image' and 'label' columns")
     datasets.disable_progress_bars()  # leakbench shows its own progress; HF's bars would interleave
-    ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    try:
+        ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as exc:  # noqa: BLE001  pyarrow's and datasets' errors alike: the file is damaged
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: cannot be read as parquet ({message})") from None
+    missing = [c for c in ("image", "label") if c not in ds.column_names]
+    if missing:
+        raise ConfigError(f"{path}: no {missing[0]!r} column (columns found: {', '.join(ds.column_names) or 'none'}); "
+                          f"allowed: a parquet split with 'image' and 'label' columns")
     names = None
     label_feature = ds.features.get("label")
     if isinstance(label_feature, datasets.ClassLabel):
         names = list(label_feature.names)
-    if not isinstance(ds.features.get("image"), datasets.Image):
-        ds = ds.cast_column("image", datasets.Image())
-    images = np.stack([np.asarray(im) for im in ds["image"]])
-    labels = np.asarray(ds["label"], dtype=np.int64)
+    decoded: list[np.ndarray] = []
+    try:
+        if not isinstance(ds.features.get("image"), datasets.Image):
+            ds = ds.cast_column("image", datasets.Image())
+        for im in ds["image"]:
+            decoded.append(np.asarray(im))
+        images = np.stack(decoded)
+        labels = np.asarray(ds["label"], dtype=np.int64)
+    except Exception as exc:  # noqa: BLE001  PIL's, numpy's and datasets' decoding errors alike
+        where = f" (row {len(decoded)})"
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: the 'image' and 'label' columns do not hold images and integer labels{where}: "
+                          f"{message}") from None
     return images, labels, names
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 from filelock import FileLock, Timeout
+
+from .errors import ConfigError
 
 T = TypeVar("T")
 
@@ -34,6 +37,27 @@ def atomic_write_torch(path: Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_writable(path: Path, *, what: str) -> None:
+    """A one-line ConfigError unless files can be created in the folder ``path`` (or, where it does not
+    exist yet, in its nearest existing parent, where it would be made). Writes nothing that stays."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} exists and is not a folder; allowed: a folder you can write to")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r}: {str(existing)!r} is not a folder; allowed: a folder you can "
+                          f"write to")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".leakbench-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r}: cannot write there ({exc.strerror or exc}); allowed: a folder "
+                          f"you can write to") from None
 
 
 def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path], T],
@@ -65,7 +89,13 @@ def computed_once(path: Path, compute: Callable[[], T], *, read: Callable[[Path]
         found, value = cached()  # another process may have written it while this one waited
         if found:
             return value
-        value = compute()
+        try:
+            value = compute()
+        except BaseException:
+            # nothing was cached: leave no lock file behind either (a waiter holding the old one simply
+            # computes the entry itself)
+            Path(lock.lock_file).unlink(missing_ok=True)
+            raise
         write(path, value)  # written atomically (rename) before the lock is released
         return value
     finally:

@@ -30,7 +30,7 @@ def write(tmp_path, obj, name="grid.yaml"):
 def test_shipped_grids_validate(name):
     grid = load_grid(name)
     assert grid.cells()
-    assert main(["validate", name]) == 0
+    assert main(["validate", name, "--no-data"]) == 0  # the file; its data may not be on this machine
 
 
 def test_quick_covers_every_attack_and_every_defense_family():

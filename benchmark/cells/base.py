@@ -117,6 +117,10 @@ class CellKind(ABC):
     def validate(self, grid: "Grid") -> None:
         """Checks of the grid that only this kind needs (raise ConfigError); the default has none."""
 
+    def preflight(self, context: CellContext, cells: list["Cell"]) -> None:
+        """Checks of this kind's cells against the data (sizes, labels, ...) before any cell runs; raise a
+        one-line ConfigError naming the grid key and what is allowed. The default has none."""
+
     def program_key(self, cell: "Cell") -> str | None:
         """Cells with the same key run together as one program (one :meth:`run` call); None: alone."""
         return None

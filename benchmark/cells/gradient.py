@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageData
+from ..errors import ConfigError
 from ..models import output_width
 from ..registry import ATTACKS, DEFENSES, register_cell_kind
 from ..scoring.reconstruction import match_reconstructions, score_reconstruction
@@ -60,6 +61,21 @@ class GradientCells(CellKind):
         if not ATTACKS.build(cell.attack.name, cell.attack.params).batches_tasks:
             return None
         return config_hash({**cell.config(), "defense": None, "grid": cell.grid.name})
+
+    def preflight(self, context: CellContext, cells: list["Cell"]) -> None:
+        """Each cell draws ``targets`` disjoint private batches from its split: there must be enough."""
+        for cell in cells:
+            grid = cell.grid
+            data = context.dataset(cell.dataset, grid.split)
+            attack = ATTACKS.build(cell.attack.name, cell.attack.params)
+            defense = DEFENSES.build(cell.defense.name, cell.defense.params)
+            batch = defense.victim_batch_size(attack.victim_batch_size())
+            if grid.targets * batch > len(data):
+                raise ConfigError(
+                    f"grid: targets = {grid.targets} is too many for {cell.attack.name} vs {defense.label()} on "
+                    f"{cell.dataset.name}/{grid.split}: {grid.targets} private batches of {batch} need "
+                    f"{grid.targets * batch} samples, the split has {len(data)}; allowed: targets <= "
+                    f"{len(data) // batch}")
 
     def progress(self, metrics: dict[str, Any]) -> str:
         return f"PSNR {metrics['psnr_median']:.1f} dB"

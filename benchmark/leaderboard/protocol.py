@@ -88,10 +88,10 @@ def run_protocol(source: DefenseSource, params: dict, *, name: str, protocol: Pr
         defense = {"name": submitted.registry_name, "params": submitted.params}
         grid = protocol_grid(raw, defense, source=str(resolve_grid_path(protocol.grid)))
         runner = Runner(grid, RunOptions(out_dir=Path(tmp), data_dir=data_dir, device=device, progress=False))
-        for g in grid.all_grids():  # a missing dataset is bad input: fail before the defense runs
-            for ds in g.datasets:
-                runner.dataset(ds, g.split)
+        runner.preflight()  # a missing dataset or too many targets is bad input: fail before any cell runs
         cells = grid.cells()[:1] if first_cell_only else grid.cells()
+        if progress:  # said only once everything checkable was checked, so bad input stays one line
+            progress(f"leakbench: {name} ({source.as_entry()}) under protocol {protocol.name}: {len(cells)} cells")
         records = []
         for cell in cells:
             record = runner.run_cell(cell)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
+from ..storage import check_writable
 from .build import build_entry, entry_path, validate_and_write
 from .protocol import load_protocol, run_protocol
 from .sandbox import DefenseSource, SandboxLimits
@@ -26,6 +27,7 @@ def submit(spec: str, *, name: str, authors: str = "anonymous", link: str | None
     path = entry_path(root, chosen.name, name)
     if path.exists() and not replace:
         raise ConfigError(f"{path} already exists; choose another --name or pass --replace")
+    check_writable(path.parent, what="--root")  # before the protocol's minutes of work, not after
     measured = run_protocol(source, dict(params or {}), name=name, protocol=chosen, data_dir=data_dir, limits=limits,
                             device=device, overrides=overrides, progress=progress)
     entry = build_entry(measured, protocol=chosen, name=name, authors=authors, link=link, source=source,

@@ -23,11 +23,13 @@ class RunContext(CellContext):
     """One per Runner (and so one per worker process): datasets stay decoded in memory across the cells
     the worker is given; accuracy runs, oracles and decoded splits are shared through ``cache_dir``."""
 
-    def __init__(self, *, out_dir: Path, cache_dir: Path, data_dir: str | None, device: str) -> None:
+    def __init__(self, *, out_dir: Path, cache_dir: Path, data_dir: str | None, device: str,
+                 disk_cache: bool = True) -> None:
         self.out_dir = out_dir
         self.cache_dir = cache_dir
         self.data_dir = data_dir
         self.device = device
+        self.disk_cache = disk_cache
         self.memo: dict = {}
         self._decoded_splits: dict[str, ImageData] = {}
 
@@ -49,7 +51,7 @@ class RunContext(CellContext):
         dataset = DATASETS.build(spec.name, spec.params)
         data_dir = resolve_data_dir(self.data_dir)
         mirror = data_dir / dataset.registry_name if data_dir is not None else None
-        if mirror is None or not mirror.is_dir():
+        if mirror is None or not mirror.is_dir() or not self.disk_cache:
             return dataset.load(split, data_dir=self.data_dir)  # its errors name what is missing
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in mirror.glob("*.parquet"))
         key_obj = {"dataset": spec.as_dict(), "split": split, "mirror": str(mirror.resolve()), "files": files}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator
@@ -202,7 +203,7 @@ class RayExecutor(CellExecutor):
             _check_reachable(self.address)  # ray.init retries an unreachable address for minutes
         try:
             ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
-        except ConnectionError as exc:
+        except (ConnectionError, ValueError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"--ray-address {self.address!r}: cannot connect ({message}); "
                               f"{_RAY_ADDRESS_ALLOWED}") from None
@@ -236,6 +237,16 @@ class RayExecutor(CellExecutor):
 _LOCAL_OBJECT_STORE_BYTES = 128 * 1024 ** 2
 
 
+_RAY_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})\Z")
+
+
+def check_ray_address(address: str) -> None:
+    """``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (port 1-65535); a one-line ConfigError otherwise."""
+    match = _RAY_ADDRESS.match(address)
+    if address != "auto" and (match is None or not 1 <= int(match.group(3)) <= 65535):
+        raise ConfigError(f"--ray-address {address!r} is invalid; {_RAY_ADDRESS_ALLOWED}, or auto")
+
+
 def make_executor(name: str = "local", workers: int = 1, threads: int | None = None,
                   ray_address: str | None = None) -> CellExecutor:
     """The executor for the CLI's ``--executor/--workers/--threads/--ray-address``; bad values raise a
@@ -252,6 +263,8 @@ def make_executor(name: str = "local", workers: int = 1, threads: int | None = N
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("--executor ray needs Ray, which is not installed; install leakbench[ray] "
                               "(pip install 'leakbench[ray]'), or use --executor local")
+        if ray_address is not None:
+            check_ray_address(ray_address)
         return RayExecutor(workers, threads, ray_address)
     if ray_address is not None:
         raise ConfigError(f"--ray-address {ray_address!r} needs --executor ray; allowed with --executor local: none")

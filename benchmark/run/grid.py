@@ -61,7 +61,8 @@ def resolve_grid_path(spec: str | Path) -> Path | Any:
 
 def read_grid_yaml(spec: str | Path) -> dict:
     """A grid file (or shipped grid name) with its ``include:`` files merged in."""
-    return read_with_includes(spec, resolve=resolve_grid_path, what="grid", keys=TOP_LEVEL_KEYS)
+    return read_with_includes(spec, resolve=resolve_grid_path, what="grid", keys=TOP_LEVEL_KEYS,
+                              path_keys=("subgrids",))
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,21 @@ def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
     model_params = grid.accuracy.model_params
     for m in grid.models:  # the accuracy run's model overrides must be valid for every model
         MODELS.get(m.name).validate_params({**m.params, **model_params})
+    check_unique_cells(grid)
     return grid
+
+
+def check_unique_cells(grid: Grid) -> None:
+    """Every cell once: a repeated defense, attack, dataset, model, seed or sweep value (or a subgrid
+    that repeats a cell) would be computed twice and give one table row two records."""
+    seen: dict[str, Cell] = {}
+    for cell in grid.cells():
+        key = cell.key()
+        if key in seen:
+            raise ConfigError(f"grid: the cell {cell.attack.name} vs {cell.defense.name} {cell.defense.params or ''} "
+                              f"on {cell.dataset.name}/{cell.model.name}, seed {cell.seed}, comes twice (a repeated "
+                              f"entry or sweep value); allowed: each cell once".replace(" {}", "").replace("  ", " "))
+        seen[key] = cell
 
 
 def load_grid(spec: str | Path, *, _seen: tuple = ()) -> Grid:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ from ..errors import ConfigError
 from ..registry import CELL_KINDS
 from ..storage import atomic_write_text
 from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples
-from .results import ResultsStore
+from .results import ResultsStore, missing_field
 
 
 def kind_columns(setting: str) -> tuple[TableColumn, ...]:
@@ -119,11 +120,24 @@ def in_grid_order(records: list[dict], grid_json: Path) -> list[dict]:
     return sorted(records, key=lambda r: position.get(r.get("key"), len(position)))
 
 
+def readable_records(store: ResultsStore) -> list[dict]:
+    """The store's records that the tables can read; another schema's record is named and skipped."""
+    out = []
+    for number, record in store.numbered():
+        missing = missing_field(record)
+        if missing is None:
+            out.append(record)
+        else:
+            print(f"leakbench: warning: {store.path}:{number}: skipped, a record of another schema "
+                  f"(it has no {missing!r})", file=sys.stderr)
+    return out
+
+
 def render(out_dir: str | Path, *, images: bool = True) -> str:
     """Write table.md, table.csv, table.tex (and reconstruction PNGs) into ``out_dir``; return the
     Markdown table with its legend."""
     out = Path(out_dir)
-    records = in_grid_order(ResultsStore(out / "results.jsonl").records(), out / "grid.json")
+    records = in_grid_order(readable_records(ResultsStore(out / "results.jsonl")), out / "grid.json")
     if not records:
         raise ConfigError(f"no finished cells in {out / 'results.jsonl'}; run `leakbench run --out {out}` first")
     table = defendability_table(records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,11 +19,12 @@ from tqdm import tqdm
 
 from .. import cells as _cells  # noqa: F401  (registers the built-in kinds of cell)
 from ..cells.base import CellKind
+from ..errors import ConfigError
 from ..storage import atomic_write_text
 from ..version import __version__
 from .context import RunContext
 from .grid import Cell, ComponentSpec, Grid
-from .results import ResultsStore
+from .results import ResultsStore, missing_field
 
 if TYPE_CHECKING:  # pragma: no cover  (executors import the runner: their workers build one)
     from .executors import CellExecutor
@@ -51,6 +53,7 @@ class RunOptions:
     device: str = "cpu"
     cache_dir: Path | None = None
     progress: bool = True
+    disk_cache: bool = True  # False: decoded data stays in memory (validate writes nothing)
 
 
 class Runner:
@@ -58,7 +61,7 @@ class Runner:
         self.grid = grid
         self.options = options
         self.context = RunContext(out_dir=options.out_dir, cache_dir=self.cache_dir, data_dir=options.data_dir,
-                                  device=options.device)
+                                  device=options.device, disk_cache=options.disk_cache)
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -81,6 +84,54 @@ class Runner:
 
     def accuracy_cache_path(self, cell: Cell) -> Path:
         return self.context.accuracy_cache_path(cell)
+
+    def claim_folder(self, *, force: bool = False) -> None:
+        """The output folder belongs to one grid: resuming (or extending) the grid whose results it holds
+        is fine; another grid's results are a one-line ConfigError naming that grid, unless ``force``,
+        which removes the old results (tables, records, samples; the cache of shared work stays)."""
+        out = self.options.out_dir
+        found = self._grid_in(out)
+        if found is None:
+            return
+        names, keys = found
+        if names <= {g.name for g in self.grid.all_grids()} and keys <= {c.key() for c in self.grid.cells()}:
+            return
+        name = ", ".join(sorted(names))
+        if not force:
+            raise ConfigError(f"--out {str(out)!r} holds the results of grid {name!r} ({len(keys)} cells); allowed: "
+                              f"the same grid (to resume it), another --out, or --force to start the folder afresh")
+        for stale in ("results.jsonl", "grid.json", "table.md", "table.csv", "table.tex", "summary.csv"):
+            (out / stale).unlink(missing_ok=True)
+        for png in out.glob("reconstructions_*.png"):
+            png.unlink()
+        shutil.rmtree(out / "reconstructions", ignore_errors=True)
+
+    def _grid_in(self, out: Path) -> tuple[set[str], set[str]] | None:
+        """(grid names, keys of finished cells) of the results in ``out``, or None when it holds none. The
+        name is grid.json's; records written before it (or without it) name their own (sub)grids."""
+        records = [r for r in self.store.records() if missing_field(r) is None] if self.store.path.exists() else []
+        keys = {r["key"] for r in records if isinstance(r.get("key"), str)}
+        try:
+            names = {str(json.loads((out / "grid.json").read_text())["name"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            if not records:
+                return None
+            names = {str(r.get("grid")) for r in records}
+        return names, keys
+
+    def preflight(self) -> None:
+        """Everything that can be checked before a cell runs: every dataset split the grid reads loads
+        (a missing or damaged dataset is bad input), and each kind of cell checks its cells against the
+        data (e.g. enough samples for the targets). Raises a one-line ConfigError."""
+        cells = self.grid.cells()
+        for grid in self.grid.all_grids():
+            for dataset in grid.datasets:
+                self.context.dataset(dataset, grid.split)
+        by_kind: dict[str, list[Cell]] = {}
+        for cell in cells:
+            by_kind.setdefault(cell.kind.registry_name, []).append(cell)
+        for kind_cells in by_kind.values():
+            kind_cells[0].kind.preflight(self.context, kind_cells)
 
     # -- one cell, or one program of cells --------------------------------------------------------
     def run_cell(self, cell: Cell) -> dict[str, Any]:
@@ -141,7 +192,7 @@ class Runner:
         out.mkdir(parents=True, exist_ok=True)
         all_cells = self.grid.cells()
         # the cell order lets the report keep the grid's order whatever order workers finish in
-        snapshot = {**_grid_snapshot(self.grid), "cell_keys": [c.key() for c in all_cells]}
+        snapshot = {**grid_snapshot(self.grid), "cell_keys": [c.key() for c in all_cells]}
         atomic_write_text(out / "grid.json", json.dumps(snapshot, indent=2, sort_keys=True))
         cells = self.pending()
         jobs = self.jobs(cells)
@@ -171,10 +222,10 @@ class Job:
     pending: tuple[str, ...]
 
 
-def _grid_snapshot(grid: Grid) -> dict:
+def grid_snapshot(grid: Grid) -> dict:
     return {"name": grid.name, "description": grid.description, "source": grid.source,
             "datasets": [d.as_dict() for d in grid.datasets], "models": [m.as_dict() for m in grid.models],
             "attacks": [a.as_dict() for a in grid.attacks], "defenses": [d.as_dict() for d in grid.defenses],
             "seeds": grid.seeds, "targets": grid.targets, "split": grid.split, "threat": grid.threat,
             "accuracy": grid.accuracy.as_dict(), "verdict": vars(grid.verdict), "protocol": dict(grid.protocol), "oracle": dict(grid.oracle), "batch_cells": grid.batch_cells,
-            "subgrids": [_grid_snapshot(g) for g in grid.subgrids]}
+            "subgrids": [grid_snapshot(g) for g in grid.subgrids]}
