@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--root", default="leaderboards", help="the leaderboards folder [leaderboards]")
     board.add_argument("--data-dir", default=None,
                        help="verify: local dataset mirror (default: $LEAKBENCH_DATA_DIR)")
+    board.add_argument("--trust-code", action="store_true",
+                       help="verify: run submitted code without the bubblewrap sandbox (only code you trust)")
 
     smt = sub.add_parser("submit", help="run the leaderboard protocol on a defense and write its board entry",
                          usage="leakbench submit SPEC --name NAME [--params k=v ...] [--smoke] [options]")
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address-space limit of the sandboxed defense in MiB [4096]")
     smt.add_argument("--data-dir", default=None, help="local dataset mirror (default: $LEAKBENCH_DATA_DIR)")
     smt.add_argument("--device", default="cpu", help="where leakbench trains and attacks: cpu or cuda[:N]")
+    smt.add_argument("--trust-code", action="store_true",
+                     help="run the submitted code without the bubblewrap sandbox (no network or filesystem "
+                          "confinement): only for code you trust, where bubblewrap is missing")
     return parser
 
 
@@ -233,7 +238,8 @@ def cmd_leaderboard(args) -> int:
     if action == "verify":
         # with no ENTRY it verifies the whole board
         return verify_entries([Path(e) for e in entries], root=root, protocol=args.protocol or DEFAULT_BOARD_PROTOCOL,
-                              data_dir=_data_dir(args.data_dir))
+                              data_dir=_data_dir(args.data_dir),
+                              **({"limits": SandboxLimits(trust_code=True)} if args.trust_code else {}))
     if entries:
         raise ConfigError(f"leaderboard render takes no ENTRY ({entries[0]!r}); it renders every entry under "
                           f"--root; allowed: render, verify ENTRY ...")
@@ -272,7 +278,8 @@ def cmd_submit(args) -> int:
             raise ConfigError(f"--reported-file {args.reported_file!r} is invalid; allowed: a JSON object")
     reported.update(_key_values(args.reported, "--reported"))
     limits = SandboxLimits(timeout_s=args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S,
-                           memory_mb=args.memory_mb if args.memory_mb is not None else DEFAULT_MEMORY_MB)
+                           memory_mb=args.memory_mb if args.memory_mb is not None else DEFAULT_MEMORY_MB,
+                           trust_code=args.trust_code)
     data_dir = _data_dir(args.data_dir)
     torch.set_num_threads(1)  # the protocol's models are tiny: one thread is fastest and reproducible
     started = time.perf_counter()

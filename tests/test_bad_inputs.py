@@ -45,7 +45,8 @@ def mirror(folder: Path, kind: str) -> Path:
 
 # (id, grid text or None for the quick grid, extra CLI words, the part of the message that names the problem)
 GRID_CASES = [
-    ("targets-over-split", "include: quick\ntargets: 400\n", [], r"targets = 400 is too many .* allowed: targets <= 360"),
+    ("targets-over-split", "include: quick\ntargets: 400\n", [],
+     r"targets = 400 is too many .* allowed: targets <= 360"),
     ("targets-huge", "include: quick\ntargets: 1000000000000\n", [], r"targets = 1000000000000 is too many"),
     ("targets-zero", "include: quick\ntargets: 0\n", [], r"targets = 0 is invalid; allowed: an integer >= 1"),
     ("defense-twice", "include: quick\ndefenses: [{name: none}, {name: none}]\n", [], r"comes twice"),

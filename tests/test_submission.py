@@ -8,6 +8,7 @@ import pytest
 
 from leakbench.cli import main
 from leakbench.errors import ConfigError
+from leakbench.leaderboard.bubblewrap import bwrap_problem
 from leakbench.leaderboard.sandbox import SandboxLimits, SubmissionError
 from leakbench.leaderboard.schema import load_board, load_entry
 from leakbench.leaderboard.submit import submit
@@ -21,7 +22,10 @@ TINY = {
     "accuracy": {"epochs": 1, "train_size": 96, "test_size": 64},
     "subgrids": [],  # the protocol's model-inversion subgrid has its own test (below)
 }
-FAST = SandboxLimits(timeout_s=120, memory_mb=4096)
+# Submissions run confined by bubblewrap where it can run (.ci/run installs it; tests/test_sandbox.py proves
+# the confinement). Where it cannot, these tests of the protocol and its checks run the code unconfined.
+NO_SANDBOX = bwrap_problem() is not None
+FAST = SandboxLimits(timeout_s=120, memory_mb=4096, trust_code=NO_SANDBOX)
 
 
 def defense_file(tmp_path, body: str, *, name: str = "bad_defense.py", cls: str = "Bad") -> str:
@@ -68,7 +72,7 @@ def test_cli_reports_a_crash_on_one_line_with_exit_2(tmp_path, capsys):
     (root / "v1-smoke").mkdir(parents=True)
     (root / "v1-smoke" / "kept.json").write_text("{}")
     code = main(["submit", defense_file(tmp_path, "raise ValueError('no')"), "--name", "broken",
-                 "--root", str(root), "--smoke"])
+                 "--root", str(root), "--smoke", *(["--trust-code"] if NO_SANDBOX else [])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("leakbench: error: submitted defense") and "ValueError: no" in err[-1]
@@ -80,7 +84,7 @@ def test_timeout_kills_the_sandbox(tmp_path):
     root = tmp_path / "board"
     with pytest.raises(SubmissionError, match=r"timed out: the submission's time limit of 8 s \(--timeout\)"):
         submit(defense_file(tmp_path, "time.sleep(600)"), name="slow", root=root, overrides=TINY,
-               limits=SandboxLimits(timeout_s=8, memory_mb=4096))
+               limits=SandboxLimits(timeout_s=8, memory_mb=4096, trust_code=NO_SANDBOX))
     assert board_files(root) == []
 
 
@@ -89,7 +93,7 @@ def test_memory_limit_stops_a_runaway_allocation(tmp_path):
     body = "hog = torch.ones(2 ** 29)  # 2 GiB of float32\nreturn [u.clone() for u in update]"
     with pytest.raises(SubmissionError, match="out of memory|MemoryError|memory"):
         submit(defense_file(tmp_path, body), name="hog", root=root, overrides=TINY,
-               limits=SandboxLimits(timeout_s=120, memory_mb=1024))
+               limits=SandboxLimits(timeout_s=120, memory_mb=1024, trust_code=NO_SANDBOX))
     assert board_files(root) == []
 
 
@@ -353,7 +357,10 @@ def test_gan_uploads_go_through_the_submitted_transform(tmp_path):
     path.write_text(textwrap.dedent(ZERO_UPLOADS).replace("LOG", repr(str(log))))
     source = DefenseSource.parse(f"{path}:ZeroUploads")
     protocol = load_protocol("v1-smoke")
-    measured = run_protocol(source, {}, name="zero", protocol=protocol, limits=FAST,
+    # the defense logs its calls to a file of the test's: outside the bubblewrap sandbox, which would
+    # refuse that write (tests/test_sandbox.py proves it), so this trusted test code runs unconfined
+    trusted = SandboxLimits(timeout_s=120, memory_mb=4096, trust_code=True)
+    measured = run_protocol(source, {}, name="zero", protocol=protocol, limits=trusted,
                             overrides={**TINY, "attacks": TINY["attacks"][:1], "subgrids": [TINY_GAN]})
     gan = next(r for r in measured.records if r["attack"] == "gan-active")
 
@@ -391,3 +398,43 @@ def test_the_parent_checks_every_update_by_the_childs_rules():
         with pytest.raises(SubmissionError, match=r"^submitted defense demo: share") as err:
             check_update(update, params, "demo")
         assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+ROUNDING = '''
+import torch
+from leakbench import Defense
+
+class Rounding(Defense):
+    replayable_transform = True  # no randomness: adaptive attacks may replay it
+
+    def transform(self, update, *, generator=None):
+        return [torch.round(u * 100) / 100 for u in update]
+'''
+
+
+def test_a_submitted_defense_can_opt_in_to_adaptive_attacks(tmp_path):
+    """A submission that declares its transform replayable gets the same adaptive treatment as a built-in:
+    the attacker's map replays the sandboxed transform forward, straight-through backward. One that does
+    not declare it gets the identity (restarts and step sizes only)."""
+    import torch
+
+    from leakbench.leaderboard.sandbox import DefenseSource, submitted_defense
+    from leakbench.registry import DEFENSES
+    from leakbench.threat import IDENTITY_MAP
+
+    path = tmp_path / "rounding.py"
+    path.write_text(ROUNDING)
+    update = [torch.randn(3, 4), torch.randn(4)]
+    with submitted_defense(DefenseSource.parse(f"{path}:Rounding"), {}, name="rounding", limits=FAST) as sub:
+        defense = DEFENSES.build(sub.registry_name, sub.params)
+        space = defense.attacker_map(defense.transform(update))
+        assert space is not IDENTITY_MAP and "straight-through" in space.name
+        dummy = [u.clone().requires_grad_(True) for u in update]
+        mapped = space.apply(dummy)
+        assert all(torch.equal(m.detach(), torch.round(u * 100) / 100) for m, u in zip(mapped, update))
+        sum(m.sum() for m in mapped).backward()
+        assert all(torch.equal(d.grad, torch.ones_like(d)) for d in dummy)
+    path.write_text(ROUNDING.replace("replayable_transform = True", "pass"))
+    with submitted_defense(DefenseSource.parse(f"{path}:Rounding"), {}, name="rounding", limits=FAST) as sub:
+        defense = DEFENSES.build(sub.registry_name, sub.params)
+        assert defense.attacker_map(update) is IDENTITY_MAP

@@ -43,6 +43,7 @@ from ..defenses.base import Defense
 from ..errors import ConfigError
 from ..params import Param
 from ..registry import DEFENSES
+from .bubblewrap import confine, require_bwrap
 from .sandbox_worker import check_update as check_by_the_rules
 
 SUBMITTED_PREFIX = "submitted:"
@@ -65,6 +66,9 @@ class SubmissionError(ConfigError):
 class SandboxLimits:
     timeout_s: float = DEFAULT_TIMEOUT_S     # wall clock for the whole submission, startup included
     memory_mb: int = DEFAULT_MEMORY_MB       # address space of the child (RLIMIT_AS)
+    # run the child without bubblewrap (no namespaces: it could read the host and use the network);
+    # only for code the user trusts, and only when asked for (--trust-code)
+    trust_code: bool = False
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -114,9 +118,11 @@ class DefenseSource:
         return {"kind": self.kind, "name": self.name}
 
 
-def _describe_exit(returncode: int | None, limits: SandboxLimits) -> str:
+def _describe_exit(returncode: int | None, limits: SandboxLimits, *, confined: bool = False) -> str:
     if returncode is None:
         return "stopped answering"
+    if confined and returncode > 128 and returncode - 128 in signal.valid_signals():
+        returncode = -(returncode - 128)  # bwrap exits with 128 + the signal that killed its child
     if returncode < 0:
         sig = signal.Signals(-returncode).name
         hint = {"SIGXCPU": f"its CPU-time limit of {limits.timeout_s:g} s",
@@ -145,10 +151,14 @@ class DefenseSandbox:
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         cpu_seconds = max(1, int(limits.timeout_s) + 1)
+        argv = [sys.executable, "-m", "leakbench.leaderboard.sandbox_worker", "--fd", str(child_sock.fileno()),
+                "--memory-mb", str(limits.memory_mb), "--cpu-seconds", str(cpu_seconds)]
+        self.confined = not limits.trust_code
+        if self.confined:  # no network, no writes but its folder, no reads of the host (bubblewrap.py)
+            files = [Path(source.worker_spec()["path"])] if source.kind == "file" else []
+            argv = confine(argv, workdir=Path(self._cwd.name), readable_files=files, env=env)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "leakbench.leaderboard.sandbox_worker", "--fd", str(child_sock.fileno()),
-             "--memory-mb", str(limits.memory_mb), "--cpu-seconds", str(cpu_seconds)],
-            pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+            argv, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
             env=env, cwd=self._cwd.name, start_new_session=True)  # its own process group, killed as one
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
@@ -197,8 +207,8 @@ class DefenseSandbox:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:  # it closed the socket but lives on: _fail kills it
                 pass
-            raise self._fail(f"the sandbox process {_describe_exit(self.process.poll(), self.limits)} "
-                             f"while answering {what}") from None
+            ended = _describe_exit(self.process.poll(), self.limits, confined=self.confined)
+            raise self._fail(f"the sandbox process {ended} while answering {what}") from None
         except (ValueError, TypeError, KeyError) as exc:
             if isinstance(exc, SubmissionError):
                 raise
@@ -252,6 +262,9 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
         __doc__ = f"Submitted defense {info['class']} (runs in a sandboxed process)."
         family = info["family"] if isinstance(info.get("family"), str) else "other"
         params = declared
+        # the submission's opt-in: adaptive attacks replay its transform (through the sandbox, seed 0)
+        # with straight-through gradients, as they do leakbench's own quantization
+        replayable_transform = info.get("replayable_transform") is True
 
         def victim_batch_size(self, default: int) -> int:
             if default not in batch_sizes:
@@ -328,6 +341,8 @@ def submitted_defense(source: DefenseSource, params: dict, *, name: str,
         yield Submitted(source.name, defense.get_params(), defense.label())
         return
     limits = limits or SandboxLimits()
+    if not limits.trust_code:
+        require_bwrap()  # a clear refusal, before anything runs, where submitted code cannot be confined
     label = f"{source.as_entry()!r}"
     sandbox = DefenseSandbox(source, limits=limits, label=label)
     registry_name = f"{SUBMITTED_PREFIX}{name}"

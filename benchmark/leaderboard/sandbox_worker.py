@@ -145,7 +145,8 @@ def serve(conn: Connection) -> None:
                 where = "constructor"
                 defense = cls(**given)
                 info = {"family": str(getattr(cls, "family", "other")), "params": defense.get_params(),
-                        "overrides": overridden, "class": cls.__name__}
+                        "overrides": overridden, "class": cls.__name__,
+                        "replayable_transform": getattr(cls, "replayable_transform", False) is True}
                 reply.ok(_json_safe(info, "the defense's parameters"))
             elif kind == "victim_batch_size":
                 where = "victim_batch_size"
