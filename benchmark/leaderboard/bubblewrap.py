@@ -96,7 +96,8 @@ def confine(argv: list[str], *, workdir: Path, readable_files: list[Path], env: 
         command += ["--ro-bind", str(root), str(root)]
     command += ["--bind", str(workdir), str(workdir), "--dev", "/dev", "--proc", "/proc",
                 "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",  # nobody, in its namespaces
-                "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--remount-ro", "/", "--chdir", str(workdir), "--clearenv"]
+                "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--remount-ro", "/",
+                "--chdir", str(workdir), "--clearenv"]
     for key, value in {**env, "TMPDIR": str(workdir), "HOME": str(workdir)}.items():
         command += ["--setenv", key, value]
     return command + ["--", *argv]
