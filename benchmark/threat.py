@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,33 @@ class AttackerMap:
 
 
 IDENTITY_MAP = AttackerMap("identity", lambda update: update)
+
+
+# replay(update, cotangent or None) -> (the defense's output on update, its vector-Jacobian product or [])
+Replay = Callable[[list[torch.Tensor], "list[torch.Tensor] | None"], "tuple[list[torch.Tensor], list[torch.Tensor]]"]
+
+
+class _Replayed(torch.autograd.Function):
+    """A defense's transform as an autograd node whose forward and backward are computed elsewhere (in
+    the submission sandbox): the attacker's objective differentiates through it like any other op."""
+
+    @staticmethod
+    def forward(ctx, replay: Replay, *update: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.replay = replay
+        ctx.save_for_backward(*update)
+        outputs, _ = replay(list(update), None)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *cotangent: torch.Tensor) -> tuple:
+        _, products = ctx.replay(list(ctx.saved_tensors), list(cotangent))
+        return (None, *products)
+
+
+def replayed_map(name: str, replay: Replay) -> AttackerMap:
+    """An AttackerMap that replays a defense through ``replay`` (forward and vector-Jacobian product)."""
+    return AttackerMap(name, lambda update: list(_Replayed.apply(replay, *update)))
 
 
 def straight_through(value: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:

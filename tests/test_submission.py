@@ -400,41 +400,72 @@ def test_the_parent_checks_every_update_by_the_childs_rules():
         assert problem in str(err.value) and "\n" not in str(err.value)
 
 
-ROUNDING = '''
-import torch
-from leakbench import Defense
 
-class Rounding(Defense):
-    replayable_transform = True  # no randomness: adaptive attacks may replay it
-
-    def transform(self, update, *, generator=None):
-        return [torch.round(u * 100) / 100 for u in update]
-'''
-
-
-def test_a_submitted_defense_can_opt_in_to_adaptive_attacks(tmp_path):
-    """A submission that declares its transform replayable gets the same adaptive treatment as a built-in:
-    the attacker's map replays the sandboxed transform forward, straight-through backward. One that does
-    not declare it gets the identity (restarts and step sizes only)."""
+def test_adaptive_attacks_replay_a_submitted_transform_in_the_sandbox(tmp_path):
+    """Adaptive attacks replay a submission's own transform on their dummy update: forward exactly,
+    backward through autograd where it is differentiable and straight-through where not (rounding), and
+    averaged over fixed draws where it is random. No submission can opt out."""
     import torch
 
-    from leakbench.leaderboard.sandbox import DefenseSource, submitted_defense
+    from leakbench.leaderboard.sandbox import EOT_DRAWS, DefenseSource, submitted_defense
     from leakbench.registry import DEFENSES
-    from leakbench.threat import IDENTITY_MAP
 
-    path = tmp_path / "rounding.py"
-    path.write_text(ROUNDING)
     update = [torch.randn(3, 4), torch.randn(4)]
-    with submitted_defense(DefenseSource.parse(f"{path}:Rounding"), {}, name="rounding", limits=FAST) as sub:
+
+    def replayed(body: str, cotangent_scale: float = 1.0):
+        path = tmp_path / "d.py"
+        path.write_text(body)
+        with submitted_defense(DefenseSource.parse(f"{path}:D"), {}, name="d", limits=FAST) as sub:
+            defense = DEFENSES.build(sub.registry_name, sub.params)
+            space = defense.attacker_map(defense.transform(update))
+            dummy = [u.clone().requires_grad_(True) for u in update]
+            mapped = space.apply(dummy)
+            sum((m * cotangent_scale).sum() for m in mapped).backward()
+            return space.name, [m.detach() for m in mapped], [d.grad for d in dummy]
+
+    head = "import torch\nfrom leakbench import Defense\nclass D(Defense):\n"
+    # rounding: exact forward, straight-through backward
+    name, mapped, grads = replayed(head + "    def transform(self, update, *, generator=None):\n"
+                                          "        return [torch.round(u * 100) / 100 for u in update]\n")
+    assert "replayed in the sandbox" in name
+    assert all(torch.equal(m, torch.round(u * 100) / 100) for m, u in zip(mapped, update))
+    assert all(torch.equal(g, torch.ones_like(g)) for g in grads)
+    # an invertible linear obfuscation: autograd's exact derivative (3 per coordinate), not the identity
+    name, mapped, grads = replayed(head + "    def transform(self, update, *, generator=None):\n"
+                                          "        return [3 * u.flip(-1) + 1 for u in update]\n")
+    assert all(torch.allclose(m, 3 * u.flip(-1) + 1) for m, u in zip(mapped, update))
+    assert all(torch.allclose(g, torch.full_like(g, 3.0)) for g in grads)
+    # a random transform: the mean over the fixed draws, the same on every call
+    noisy = head + ("    def transform(self, update, *, generator=None):\n"
+                    "        return [u + torch.randn(u.shape, generator=generator) for u in update]\n")
+    _, first, grads = replayed(noisy)
+    _, again, _ = replayed(noisy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.allclose(g, torch.ones_like(g)) for g in grads)
+    noise = torch.cat([(m - u).flatten() for m, u in zip(first, update)])
+    assert 0.1 < float(noise.std()) < 0.7  # a mean of EOT_DRAWS = 8 standard normals has std 0.35
+    assert EOT_DRAWS == 8
+
+
+def test_a_defense_that_answers_differently_when_differentiated_is_caught(tmp_path):
+    """The one replay call a defense can tell apart (its inputs need a gradient) must give the same
+    result as any other call on the same update; a defense that lies there fails the submission."""
+    import torch
+
+    from leakbench.leaderboard.sandbox import DefenseSource, SubmissionError, submitted_defense
+    from leakbench.registry import DEFENSES
+
+    path = tmp_path / "liar.py"
+    path.write_text("import torch\nfrom leakbench import Defense\nclass Liar(Defense):\n"
+                    "    def transform(self, update, *, generator=None):\n"
+                    "        if any(u.requires_grad for u in update):\n"
+                    "            return [torch.zeros_like(u) + 0 * u for u in update]\n"
+                    "        return [2 * u for u in update]\n")
+    update = [torch.randn(3, 4)]
+    with submitted_defense(DefenseSource.parse(f"{path}:Liar"), {}, name="liar", limits=FAST) as sub:
         defense = DEFENSES.build(sub.registry_name, sub.params)
         space = defense.attacker_map(defense.transform(update))
-        assert space is not IDENTITY_MAP and "straight-through" in space.name
         dummy = [u.clone().requires_grad_(True) for u in update]
         mapped = space.apply(dummy)
-        assert all(torch.equal(m.detach(), torch.round(u * 100) / 100) for m, u in zip(mapped, update))
-        sum(m.sum() for m in mapped).backward()
-        assert all(torch.equal(d.grad, torch.ones_like(d)) for d in dummy)
-    path.write_text(ROUNDING.replace("replayable_transform = True", "pass"))
-    with submitted_defense(DefenseSource.parse(f"{path}:Rounding"), {}, name="rounding", limits=FAST) as sub:
-        defense = DEFENSES.build(sub.registry_name, sub.params)
-        assert defense.attacker_map(update) is IDENTITY_MAP
+        with pytest.raises(SubmissionError, match="another result when it is differentiated"):
+            sum(m.sum() for m in mapped).backward()

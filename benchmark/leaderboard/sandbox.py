@@ -43,6 +43,7 @@ from ..defenses.base import Defense
 from ..errors import ConfigError
 from ..params import Param
 from ..registry import DEFENSES
+from ..threat import AttackerMap, Replay, replayed_map
 from .bubblewrap import confine, require_bwrap
 from .sandbox_worker import check_update as check_by_the_rules
 
@@ -53,6 +54,7 @@ DEFAULT_TIMEOUT_S = 3600.0
 # models and defenses with state, and still stops a runaway allocation.
 DEFAULT_MEMORY_MB = 4096
 MAX_MESSAGE_BYTES = 1 << 30
+EOT_DRAWS = 8  # draws of a random submitted transform that adaptive attacks average over
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
                                                      torch.int8, torch.int16, torch.int32, torch.int64,
                                                      torch.uint8, torch.bool, torch.complex64)}
@@ -262,9 +264,7 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
         __doc__ = f"Submitted defense {info['class']} (runs in a sandboxed process)."
         family = info["family"] if isinstance(info.get("family"), str) else "other"
         params = declared
-        # the submission's opt-in: adaptive attacks replay its transform (through the sandbox, seed 0)
-        # with straight-through gradients, as they do leakbench's own quantization
-        replayable_transform = info.get("replayable_transform") is True
+        replayable_transform = info.get("replayable_transform") is True  # declared free of randomness
 
         def victim_batch_size(self, default: int) -> int:
             if default not in batch_sizes:
@@ -297,9 +297,56 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
             device = update[0].device if update else torch.device("cpu")
             # clone: the pieces are views of one flat delta, and pickling a view would send all of it
             pieces = [u.detach().cpu().clone() for u in update]
-            _, shared = sandbox.request(("transform", pieces, seed), what="transform")
+            _, shared = sandbox.request(("transform", pieces, None, [seed]), what="transform")
             reference = [(f"tensor {i}", u) for i, u in enumerate(update)]
             return [u.to(device) for u in check_update(shared, reference, sandbox.label, method="transform")]
+
+        def attacker_map(self, shared: list[torch.Tensor]) -> AttackerMap:
+            """Adaptive attacks know a submission's code (the threat model of a public benchmark), so they
+            replay its own transform on their dummy update, in the sandbox: gradients through autograd
+            where the transform is differentiable, straight-through where not (BPDA), and the mean over
+            a fixed set of draws where it is random (expectation over transformation, fixed so that the
+            objective L-BFGS sees is deterministic). Athalye et al. 2018."""
+            reference = [(f"tensor {i}", s) for i, s in enumerate(shared)]
+            device = shared[0].device if shared else torch.device("cpu")
+
+            def replay_with(seeds: list[int]) -> Replay:
+                last: list = []  # (input, output) of the latest forward replay
+
+                def replay(update, cotangent):
+                    pieces = [u.detach().cpu().clone() for u in update]
+                    cot = None if cotangent is None else [c.detach().cpu().clone() for c in cotangent]
+                    _, tensors = sandbox.request(("replay", pieces, cot, seeds), what="transform")
+                    outputs = check_update(tensors[:len(pieces)], reference, sandbox.label, method="transform")
+                    products = (check_update(tensors[len(pieces):], reference, sandbox.label, method="transform")
+                                if cot is not None else [])
+                    if cot is None:
+                        last[:] = [(pieces, outputs)]
+                    elif last and all(torch.equal(a, b) for a, b in zip(last[0][0], pieces)) and not all(
+                            torch.equal(a, b) for a, b in zip(last[0][1], outputs)):
+                        # the only call a defense can tell apart is the one that differentiates it
+                        raise sandbox._fail("transform gives another result when it is differentiated (an "
+                                            "adaptive attack's replay) than on the same update otherwise")
+                    return [o.to(device) for o in outputs], [p.to(device) for p in products]
+                return replay
+
+            plain = replay_with([0])
+            chosen: list[Replay] = []
+
+            def replay(update, cotangent):
+                if not chosen:  # decided on first use, by an adaptive attack: other attacks cost nothing
+                    chosen.append(plain if self.replayable_transform else self._draws(shared, replay_with))
+                return chosen[0](update, cotangent)
+
+            return replayed_map(f"{self.label()} replayed in the sandbox", replay)
+
+        def _draws(self, shared, replay_with) -> Replay:
+            """One draw for a deterministic transform, EOT_DRAWS for a random one (two draws tell which)."""
+            first, _ = replay_with([1])(shared, None)
+            second, _ = replay_with([2])(shared, None)
+            if all(torch.equal(a, b) for a, b in zip(first, second)):
+                return replay_with([0])
+            return replay_with(list(range(EOT_DRAWS)))
 
         def privacy(self, *, steps: int, sample_rate: float) -> dict[str, Any]:
             return {}  # a submission's privacy claim is recorded under `reported`, not measured

@@ -111,6 +111,44 @@ def check_update(update: Any, params: list[torch.Tensor], method: str) -> list[t
     return list(update)
 
 
+def apply_transform(defense, update: list[torch.Tensor], generators: list[torch.Generator], *,
+                    cotangent: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor]]:
+    """Every call of the submitted ``transform`` goes through here, whoever asks (the victim's share, the
+    collaborative protocol's upload, an adaptive attacker's replay), so that the defense sees one call
+    path. Returns ({"differentiable": bool}, outputs + products): the mean output over one draw per
+    generator (expectation over transformation for a random transform, Athalye et al. 2018) and, given a
+    ``cotangent``, its vector-Jacobian product: through autograd where the transform is differentiable
+    (and its derivative is not zero everywhere, as rounding's is), else the cotangent itself
+    (straight-through, BPDA)."""
+    leaves = [u.detach().clone().requires_grad_(cotangent is not None) for u in update]
+    differentiable = cotangent is not None
+    total: list[torch.Tensor] | None = None
+    for generator in generators:
+        try:
+            out = check_update(defense.transform(list(leaves), generator=generator), update, "transform")
+            differentiable = differentiable and all(o.requires_grad for o in out)
+        except RuntimeError:  # e.g. an in-place operation on a leaf that needs a gradient: no gradients
+            if cotangent is None:
+                raise
+            differentiable = False
+            out = check_update(defense.transform([u.detach().clone() for u in update], generator=generator),
+                               update, "transform")
+        total = list(out) if total is None else [a + b for a, b in zip(total, out)]
+    mean = total if len(generators) == 1 else [t / len(generators) for t in total]
+    products: list[torch.Tensor] = []
+    if cotangent is not None:
+        if differentiable:
+            grads = torch.autograd.grad(mean, leaves, cotangent, allow_unused=True)
+            products = [g if g is not None else torch.zeros_like(u) for g, u in zip(grads, update)]
+            # rounding and other piecewise-constant steps have a derivative of zero almost everywhere:
+            # no information for the attacker, so they count as not differentiable
+            if not any(bool(p.any()) for p in products) and any(bool(c.any()) for c in cotangent):
+                differentiable = False
+        if not differentiable:
+            products = [c.detach() for c in cotangent]
+    return {"differentiable": differentiable}, [m.detach() for m in mean] + [p.detach() for p in products]
+
+
 def _json_safe(value: Any, what: str) -> Any:
     text = json.dumps(value, allow_nan=False, default=lambda o: (_ for _ in ()).throw(
         TypeError(f"{what} holds a {type(o).__name__}, not JSON")))
@@ -161,16 +199,14 @@ def serve(conn: Connection) -> None:
                 raw = check_update(defense.compute_update(model, x, soft_labels, generator=generator), params,
                                     "compute_update")
                 where = "transform"
-                shared = check_update(defense.transform([u.clone() for u in raw], generator=generator), params,
-                                       "transform")
-                reply.ok(None, shared)
-            elif kind == "transform":  # an update leakbench computed (the collaborative protocol's delta)
-                _, update, seed = request
-                generator = torch.Generator().manual_seed(seed)
+                reply.ok(None, apply_transform(defense, raw, [generator])[1])
+            elif kind in ("transform", "replay"):
+                # an update leakbench computed (the collaborative protocol's delta), or an adaptive
+                # attacker's dummy update, with its cotangent (or None) and one seed per draw
+                _, update, cotangent, seeds = request
                 where = "transform"
-                shared = check_update(defense.transform([u.clone() for u in update], generator=generator), update,
-                                       "transform")
-                reply.ok(None, shared)
+                reply.ok(*apply_transform(defense, update, [torch.Generator().manual_seed(int(s)) for s in seeds],
+                                          cotangent=cotangent))
             elif kind == "privacy":
                 where = "privacy"
                 claim = defense.privacy(steps=int(request[1]), sample_rate=float(request[2]))
