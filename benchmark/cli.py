@@ -23,7 +23,7 @@ from .leaderboard.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLi
 from .leaderboard.submit import submit
 from .leaderboard.verify import verify_entries
 from .registry import LISTED
-from .run.executors import available_cores, make_executor
+from .run.executors import available_cores, default_workers, make_executor
 from .run.grid import builtin_grids, load_grid
 from .run.report import render
 from .run.runner import Runner, RunOptions
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None,
                      help="torch intra-op threads per worker (default: torch's when serial, else cores / workers)")
     run.add_argument("--workers", type=int, default=None,
-                     help="cells run in parallel (default: one worker per core, at most one per cell; "
+                     help="cells run in parallel (default: one worker per core, at most one per job; "
                           "1 runs them serially in this process)")
     run.add_argument("--executor", default="local", help="local (a process pool on this machine) or ray [local]")
     run.add_argument("--ray-address", default=None,
@@ -158,10 +158,8 @@ def cmd_run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
         torch.set_num_threads(args.threads)
-    workers = args.workers
-    if workers is None:  # a process pool by default: one worker per core, never more than cells
-        workers = max(1, min(available_cores(), len(grid.cells())))
-    executor = make_executor(args.executor, workers, args.threads, args.ray_address)
+    given_workers = 1 if args.workers is None else args.workers
+    make_executor(args.executor, given_workers, args.threads, args.ray_address)  # bad options: fail now
     data_dir = _data_dir(args.data_dir)
     out = Path(args.out)
     check_writable(out, what="--out")
@@ -175,6 +173,11 @@ def cmd_run(args) -> int:
         if fresh:  # leave nothing behind (decoded-data cache, lock files)
             shutil.rmtree(out, ignore_errors=True)
         raise
+    # workers follow the jobs that will run (a program of many cells is one job), so a lone program gets
+    # the calling process and every core; a pool splits the cores between its workers
+    workers = args.workers if args.workers is not None else default_workers(len(runner.jobs(runner.pending())),
+                                                                             available_cores())
+    executor = make_executor(args.executor, workers, args.threads, args.ray_address)
     with executor:
         runner.run(executor)
     print(render(out))

@@ -251,3 +251,66 @@ def test_computed_once_without_waiting_skips_an_entry_another_process_computes(t
         assert ask(wait=False) is None and not calls
     assert ask(wait=False) == {"v": 1} and len(calls) == 1
     assert ask(wait=True) == {"v": 1} and len(calls) == 1, "read from the cache, not computed again"
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Live processes whose environment holds ``marker`` (a run's processes inherit it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:80]
+                found.append(f"{proc.name}: {command!r}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_killed_run_leaves_no_process_behind(tmp_path, tiny_grid_file):
+    """SIGKILL to the parent alone (no chance to clean up): its pool workers, and what they started,
+    are gone within seconds."""
+    marker = f"LEAKBENCH_ORPHAN_TEST={os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "out"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    proc = subprocess.Popen([sys.executable, "-m", "leakbench.cli", "run", "--grid", str(tiny_grid_file), "--out",
+                             str(out), "--no-progress", "--workers", "2", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_processes_with(marker)) < 3:  # the parent and two workers
+        time.sleep(0.05)
+    assert len(_processes_with(marker)) >= 3, "the workers should have started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _processes_with(marker):
+        time.sleep(0.1)
+    assert _processes_with(marker) == []
+
+
+def test_workers_follow_the_jobs_not_the_cells(tmp_path, monkeypatch):
+    """Eighteen defense settings of one attack batch into one engine program: one job, so the run takes
+    one worker (the calling process, every core) although it has eighteen cells."""
+    from leakbench.run import executors
+    from leakbench.run.executors import default_workers
+
+    assert default_workers(1, 2) == 1 and default_workers(5, 2) == 2 and default_workers(0, 4) == 1
+    sweep = {"name": "gaussian-noise", "sweep": {"variance": [10.0 ** -k for k in range(1, 18)]}}
+    grid = {**TINY, "attacks": [{"name": "dlg", "params": {"steps": 2}}], "defenses": ["none", sweep]}
+    assert len(parse_grid(grid).cells()) == 18
+    chosen = []
+    real = executors.make_executor
+
+    def spy(name="local", workers=1, threads=None, ray_address=None):
+        chosen.append(workers)
+        return real(name, workers, threads, ray_address)
+
+    monkeypatch.setattr("leakbench.cli.make_executor", spy)
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert main(["run", "--grid", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert chosen[-1] == 1

@@ -9,9 +9,11 @@ change its numbers.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
+import signal
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator
@@ -29,6 +31,12 @@ EXECUTORS = ("local", "ray")
 def available_cores() -> int:
     """Cores this process may use (the affinity mask, which containers and `taskset` narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(jobs: int, cores: int) -> int:
+    """Workers of a run by default: one per core, never more than the jobs that will run (a program of
+    many cells is one job), at least one."""
+    return max(1, min(cores, jobs))
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int:
@@ -81,6 +89,27 @@ _worker_run_id: str | None = None
 _worker_cells: dict[str, Cell] = {}
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies, so a killed run (SIGKILL included,
+    which gives the parent no chance to clean up) leaves no worker behind; exit at once if the parent is
+    already gone. Linux only (prctl); elsewhere workers end when their task queue closes."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _start_pool_worker(grid: Grid, options: RunOptions, threads: int, run_id: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    _start_worker(grid, options, threads, run_id)
+
+
 def _start_worker(grid: Grid, options: RunOptions, threads: int, run_id: str) -> None:
     """Build this worker's Runner once per run: it keeps decoded datasets and oracles in memory across
     the cells the worker is given (the accuracy and oracle caches on disk are shared by all workers)."""
@@ -129,8 +158,8 @@ class LocalPoolExecutor(CellExecutor):
             return
         jobs = longest_first(jobs, {c.key(): c for c in runner.grid.cells()})
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)),
-                                   mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                                   initargs=(runner.grid, runner.options, self.threads, _new_run_id()))
+                                   mp_context=multiprocessing.get_context("spawn"), initializer=_start_pool_worker,
+                                   initargs=(runner.grid, runner.options, self.threads, _new_run_id(), os.getpid()))
         futures = {pool.submit(_run_job, job) for job in jobs}
         try:
             yield from _as_finished(futures)
