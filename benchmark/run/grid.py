@@ -49,9 +49,13 @@ def resolve_grid_path(spec: str | Path) -> Path | Any:
     # a folder that happens to share a shipped grid's name (say, a previous run's --out quick) is not
     # a grid file: the name still means the shipped grid
     if path.suffix in (".yaml", ".yml") or (path.exists() and not path.is_dir()):
-        if not path.is_file():
-            raise ConfigError(f"grid file {str(spec)!r} does not exist")
-        return path
+        if path.is_file():
+            return path
+        # a bare file name of a shipped config (include: _defaults.yaml) from a user's own folder
+        shipped = resources.files("leakbench.configs").joinpath(path.name)
+        if path.name == str(spec) and shipped.is_file():
+            return shipped
+        raise ConfigError(f"grid file {str(spec)!r} does not exist")
     builtin = _builtin_path(str(spec))
     if builtin.is_file():
         return builtin
