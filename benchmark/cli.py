@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import shutil
 import sys
 import time
@@ -313,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leakbench: interrupted; finished cells are kept, run again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`leakbench list | head`): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush fails quietly too
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -196,3 +196,13 @@ def test_no_traceback_reaches_a_user_from_a_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "leakbench.cli", "validate", str(grid)],
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a text file" in proc.stderr
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path):
+    """`leakbench list | head -1`: the reader leaves early; leakbench stops quietly."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m leakbench.cli list | head -1", shell=True, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
