@@ -55,7 +55,8 @@ def test_run_writes_records_tables_and_images(tmp_path, tiny_grid, capsys):
     for r in records:
         by_defense.setdefault(r["defense_label"], set()).add(r["accuracy"])
     assert all(len(v) == 1 for v in by_defense.values())
-    for name in ("table.md", "table.csv", "table.tex", "reconstructions_idlg.png", "reconstructions_dlg.png"):
+    for name in ("table.md", "table.csv", "table.tex", "reconstructions_idlg_digits_lenet-zhu.png",
+                 "reconstructions_dlg_digits_lenet-zhu.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "table.md").read_text()
     assert "gaussian-noise(variance=0.1)" in table and "idlg leak" in table and table.split("\n")[0] in printed
@@ -153,7 +154,7 @@ def test_collaborative_attack_cells_run_through_a_grid(tmp_path):
     assert gan["targets"] == 16 and (tmp_path / "reconstructions" / f"{gan['key']}.npz").exists()
     table = render(tmp_path, images=True)
     assert "gan-active oracle" in table and "idlg PSNR" in table
-    assert (tmp_path / "reconstructions_gan-active.png").exists()
+    assert (tmp_path / "reconstructions_gan-active_digits_hitaj-mnist-cnn.png").exists()
     assert runner.run() == [], "finished collaborative cells are not run again"
 
 

@@ -47,8 +47,8 @@ def threads_per_worker(workers: int, threads: int | None) -> int:
 
 def longest_first(jobs: list[Job], cells: dict[str, Cell]) -> list[Job]:
     """A cheap schedule for a pool: cells of long-running kinds first (a collaborative cell runs the
-    whole protocol, about a minute on the quick grid against seconds for a gradient cell), then programs of many cells, largest
-    first, so the run does not end with one worker busy on a long job while the others idle. Single
+    whole protocol, about a minute on the quick grid against seconds for a gradient cell), then programs
+    of many cells, largest first, so the run does not end with one worker busy on a long job while the others idle. Single
     gradient cells go attack-major, so that cells in flight at the same time have different defense
     settings and do not wait on the same accuracy run."""
     def order(job: Job) -> tuple:

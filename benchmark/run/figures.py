@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 DEFENDED, LEAKS, NO_VERDICT = "✓", "✗", "–"
 
-# modality -> figure(out_dir, records) -> written paths
-FIGURES: Registry[Callable[[Path, list[dict]], list[Path]]] = Registry("figure")
+# modality -> figure(out_dir, records, marks) -> written paths; marks: the table's verdict mark by record key
+FIGURES: Registry[Callable[[Path, list[dict], dict[str, str]], list[Path]]] = Registry("figure")
 
 
 def modality_of(record: dict) -> str:
@@ -27,25 +27,32 @@ def modality_of(record: dict) -> str:
     return DATASETS.get(name).modality if name in DATASETS else "image"
 
 
-def render_samples(out: Path, records: list[dict]) -> list[Path]:
-    """Every figure of ``records``, each modality's records drawn by its figure."""
+def render_samples(out: Path, records: list[dict], marks: dict[str, str]) -> list[Path]:
+    """Every figure of ``records``, each modality's records drawn by its figure, marked as the table
+    marks them (``marks``: record key -> ✓, ✗ or –)."""
     by_modality: dict[str, list[dict]] = {}
     for r in records:
         by_modality.setdefault(modality_of(r), []).append(r)
     return [path for modality, rs in by_modality.items() if modality in FIGURES
-            for path in FIGURES.get(modality)(out, rs)]
+            for path in FIGURES.get(modality)(out, rs, marks)]
+
+
+CELL_INCHES = 0.8  # one image: 88 px at the figures' 110 dpi (at least 48 px, so a person can judge it)
+LABEL_INCHES_PER_CHAR = 0.065  # row labels at 7 pt
 
 
 @FIGURES.register("image")
-def image_grids(out: Path, records: list[dict], max_samples: int = 8) -> list[Path]:
-    """One PNG per attack: originals on top, then a row of matched reconstructions per defense setting
-    (the attack's first dataset, model and seed in the grid); for GAN attacks the 'originals' are each
-    sample's nearest real image of the victim's class."""
+def image_grids(out: Path, records: list[dict], marks: dict[str, str], max_samples: int = 8) -> list[Path]:
+    """One PNG per (attack, dataset, model): originals on top, then a row of matched reconstructions per
+    defense setting (the block's first seed), each marked with the table's verdict (``marks`` by record
+    key); for GAN attacks and model inversion the 'originals' are each sample's nearest real image of the
+    victim's class."""
     written = []
-    for attack in dict.fromkeys(r["attack"] for r in records):
-        first = next(r for r in records if r["attack"] == attack)  # its first dataset, model and seed
-        rows = [r for r in records if r["attack"] == attack and r["dataset"] == first["dataset"]
-                and r["model"] == first["model"] and r["seed"] == first["seed"]]
+    blocks = dict.fromkeys((r["attack"], r["dataset"], r["model"]) for r in records)
+    for attack, dataset, model in blocks:
+        first = next(r for r in records if (r["attack"], r["dataset"], r["model"]) == (attack, dataset, model))
+        rows = [r for r in records if (r["attack"], r["dataset"], r["model"], r["seed"])
+                == (attack, dataset, model, first["seed"])]
         loaded = []
         for r in rows:
             path = out / "reconstructions" / f"{r['key']}.npz"
@@ -59,26 +66,33 @@ def image_grids(out: Path, records: list[dict], max_samples: int = 8) -> list[Pa
         for r, orig, recon in loaded:
             if orig.shape != loaded[0][1].shape or not np.array_equal(orig, loaded[0][1]):
                 panels.append((f"original ({r['defense_label']})", orig))
-            mark = DEFENDED if r["verdict"]["defended"] else LEAKS
-            panels.append((f"{r['defense_label']} {mark}", recon))
-        n = max(len(images) for _, images in panels)
-        fig, axes = plt.subplots(len(panels), n, figsize=(1.2 * n + 1.8, 1.2 * len(panels)), squeeze=False)
-        for ax in axes.flat:
-            ax.set_xticks([]), ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        for i, (label, images) in enumerate(panels):
-            for j, img in enumerate(images):
-                img = np.clip(img, 0, 1)
-                if img.shape[0] == 1:
-                    axes[i, j].imshow(img[0], cmap="gray", vmin=0, vmax=1)
-                else:
-                    axes[i, j].imshow(np.transpose(img, (1, 2, 0)))
-            axes[i, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-        fig.suptitle(f"{attack} on {first['dataset']} / {first['model']}", fontsize=9)
-        fig.tight_layout()
-        path = out / f"reconstructions_{attack}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")  # keep the long row labels
-        plt.close(fig)
+            panels.append((f"{r['defense_label']} {marks.get(r['key'], NO_VERDICT)}", recon))
+        path = out / f"reconstructions_{attack}_{dataset}_{model}.png"
+        _draw_grid(panels, title=f"{attack} on {dataset} / {model} (seed {first['seed']})", path=path)
         written.append(path)
     return written
+
+
+def _draw_grid(panels: list[tuple[str, np.ndarray]], *, title: str, path: Path) -> None:
+    """Rows of images at a fixed size per image, each row's label in a column of its own (so long labels
+    never shrink the images)."""
+    n = max(len(images) for _, images in panels)
+    label_w = 0.2 + LABEL_INCHES_PER_CHAR * max(len(label) for label, _ in panels)
+    width, height = label_w + n * CELL_INCHES + 0.1, len(panels) * CELL_INCHES + 0.4
+    fig = plt.figure(figsize=(width, height))
+    fig.text(0.5, 1 - 0.15 / height, title, ha="center", va="center", fontsize=9)
+    for i, (label, images) in enumerate(panels):
+        bottom = (height - 0.4 - (i + 1) * CELL_INCHES) / height
+        fig.text((label_w - 0.1) / width, bottom + CELL_INCHES / 2 / height, label, ha="right", va="center",
+                 fontsize=7)
+        for j, img in enumerate(images):
+            ax = fig.add_axes(((label_w + j * CELL_INCHES) / width, bottom, 0.95 * CELL_INCHES / width,
+                               0.95 * CELL_INCHES / height))
+            ax.set_axis_off()
+            img = np.clip(img, 0, 1)
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(np.transpose(img, (1, 2, 0)))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -109,6 +109,18 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")  # blocks of a grid with different attacks leave gaps
 
 
+def verdict_marks(records: list[dict]) -> dict[str, str]:
+    """The table's verdict mark of each record (by key): its row's pooled verdict, or no verdict where the
+    attack does not leak against `none` on that dataset and model. Figures show exactly these marks."""
+    summary = summary_frame(records)
+    marks = {}
+    for _, row in summary.iterrows():
+        mark = (DEFENDED if row["defended"] else LEAKS) if row["attack_works"] else NO_VERDICT
+        marks[(str(row["dataset"]), str(row["model"]), str(row["defense"]), str(row["attack"]))] = mark
+    return {r["key"]: marks.get((r["dataset"], r["model"], r["defense_label"], r["attack"]), NO_VERDICT)
+            for r in records}
+
+
 def in_grid_order(records: list[dict], grid_json: Path) -> list[dict]:
     """Records in the grid's cell order (``cell_keys`` in grid.json), whatever order parallel workers
     finished them in, so that tables list the grid's rows and columns in its order."""
@@ -172,5 +184,7 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
     summary_frame(records).to_csv(out / "summary.csv", index=False)
     if images:
-        render_samples(out, records)
+        written = set(render_samples(out, records, verdict_marks(records)))
+        for stale in set(out.glob("reconstructions_*.png")) - written:  # figures of an earlier rendering
+            stale.unlink()
     return md + "\n" + legend

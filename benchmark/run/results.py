@@ -61,8 +61,9 @@ class ResultsStore:
         return [record for _, record in self.numbered(repair=repair)]
 
     def numbered(self, *, repair: bool = False) -> list[tuple[int, dict]]:
-        """(line number, record) of every valid record. A line that is not a JSON object (a stray edit, a torn write in the middle)
-        is named on stderr (file and line number) and skipped, never the lines after it. A torn final
+        """(line number, record) of every valid record. A line that is not a JSON object (a stray edit, a
+        torn write in the middle) is named on stderr (file and line number) and skipped, never the lines
+        after it. A torn final
         line (no newline: a run killed mid-write) is dropped silently, and trimmed when ``repair``, so
         that its cell runs again on resume."""
         if not self.path.exists():
