@@ -260,3 +260,27 @@ def test_leaderboard_verify_dispatches_to_leaderboard_verify(tmp_path, monkeypat
     monkeypatch.setenv("LEAKBENCH_DATA_DIR", "env-mirror")
     assert main(["leaderboard", "verify"]) == 3
     assert calls[-1] == ([], Path("leaderboards"), "v1-smoke", "env-mirror")
+
+
+def test_every_leak_rate_has_its_targets_and_interval_and_each_harm_its_worst_case(tmp_path):
+    """Leak rates are shown with the number of targets and their Wilson 95% interval; reconstruction of
+    a record and class representatives (model inversion) get a worst case each, apart from the overall."""
+    from scipy.stats import binomtest
+
+    from leakbench.leaderboard.publish import render_boards
+
+    fx.write_entry(tmp_path, fx.make_entry("mixed", 0.9, {"dlg": 0.5, "model-inversion": 1.0}))
+    render_boards(tmp_path)
+    board = (tmp_path / "README.md").read_text()
+    row = next(line for line in board.splitlines() if "[mixed]" in line)
+
+    def shown(rate, n):
+        ci = binomtest(round(rate * n), n).proportion_ci(confidence_level=0.95, method="wilson")
+        return f"{100 * rate:.1f}% of {n} [{100 * ci.low:.0f}–{100 * ci.high:.0f}%]"
+
+    header = next(line for line in board.splitlines() if line.startswith("| #"))
+    assert "worst, record reconstruction" in header and "worst, class representatives" in header
+    assert f"{shown(0.5, 4)} (dlg)" in row and f"{shown(1.0, 4)} (model-inversion)" in row
+    assert "100.0% (model-inversion)" in row  # the overall worst case is still the maximum over all attacks
+    page = (tmp_path / fx.PROTOCOL / "index.html").read_text()
+    assert "worst, record reconstruction" in page and shown(0.5, 4) in page

@@ -14,7 +14,10 @@ import hashlib
 import html
 import json
 
-from .ranking import RANKING_RULE, attack_columns, board_summary, common_floor, pareto, percent, rank
+from .ranking import (
+    RANKING_RULE, THREAT_MODELS, attack_columns, board_summary, common_floor, leak_text, pareto, percent, rank,
+    worst_by_threat,
+)
 from .schema import Entry
 
 _STYLE = """
@@ -154,6 +157,7 @@ def render_html(protocol: str, entries: list[Entry]) -> str:
     attacks = attack_columns(entries)
     columns = ([("#", "number"), ("★", "number"), ("entry", "text"), ("authors", "text"), ("defense", "text"),
                 ("accuracy", "number"), ("drop", "number"), ("worst-case leak", "number")]
+               + [(f"worst, {m}", "number") for m in THREAT_MODELS]  # sort by one to rank by that harm
                + [(f"{a} leak", "number") for a in attacks] + [("ε", "number"), ("flags", "text")])
     head = "".join(
         f'<th scope="col" data-type="{kind}" aria-sort="{"ascending" if i == 0 else "none"}">'
@@ -175,10 +179,16 @@ def render_html(protocol: str, entries: list[Entry]) -> str:
             _cell(f"{100 * e.data['accuracy']['drop']:+.1f} pp", e.data["accuracy"]["drop"], numeric=True),
             _cell(f"{percent(e.worst_leak)} ({e.worst_attack})", e.worst_leak, numeric=True),
         ]
+        worst = worst_by_threat(e)
+        for model in THREAT_MODELS:
+            attack, scores = worst.get(model, ("", {}))
+            leak = scores["leak_rate"] if scores else None
+            text = f"{leak_text(leak, scores.get('targets'))} ({attack})" if scores else "–"
+            cells.append(_cell(text, leak, numeric=True))
         for a in attacks:
             scores = e.data["attacks"].get(a)
             leak = scores["leak_rate"] if scores else None
-            cells.append(_cell(percent(leak), leak, numeric=True))
+            cells.append(_cell(leak_text(leak, scores.get("targets")) if scores else "–", leak, numeric=True))
         cells.append(_cell(f"{e.epsilon:.3g}" if e.epsilon is not None else "–", e.epsilon, numeric=True))
         cells.append(_cell("below accuracy floor" if e.below_floor else "", "below" if e.below_floor else ""))
         classes = " ".join(c for c in ("pareto" if on_front else "", "below-floor" if e.below_floor else "") if c)

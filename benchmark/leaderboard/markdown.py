@@ -6,7 +6,9 @@ import re
 import pandas as pd
 from tabulate import tabulate
 
-from .ranking import RANKING_RULE, attack_columns, board_summary, pareto, percent, rank
+from .ranking import (
+    RANKING_RULE, THREAT_MODELS, attack_columns, board_summary, leak_text, pareto, percent, rank, worst_by_threat,
+)
 from .schema import Entry
 
 
@@ -31,9 +33,14 @@ def board_frame(entries: list[Entry]):
             "drop": f"{100 * e.data['accuracy']['drop']:+.1f} pp",
             "worst-case leak": f"{percent(e.worst_leak)} ({_md(e.worst_attack)})",
         }
+        worst = worst_by_threat(e)
+        for model in THREAT_MODELS:
+            attack, scores = worst.get(model, ("", {}))
+            row[f"worst, {model}"] = (f"{leak_text(scores['leak_rate'], scores.get('targets'))} ({_md(attack)})"
+                                      if scores else "–")
         for a in attacks:
             scores = e.data["attacks"].get(a)
-            row[f"{_md(a)} leak"] = percent(scores["leak_rate"]) if scores else "–"
+            row[f"{_md(a)} leak"] = leak_text(scores["leak_rate"], scores.get("targets")) if scores else "–"
         row["ε"] = f"{e.epsilon:.3g}" if e.epsilon is not None else "–"
         row["flags"] = "below accuracy floor" if e.below_floor else ""
         rows.append(row)
