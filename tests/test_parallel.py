@@ -139,7 +139,7 @@ def test_shared_work_is_computed_once_across_processes(tmp_path):
 
 def test_oracles_are_cached_on_disk(tmp_path, monkeypatch):
     """A second runner (a fresh worker, or a resumed run) reads the oracle instead of training it."""
-    from leakbench.cells import class_representatives as collab_cells
+    from leakbench.cells import class_representatives
 
     grid = parse_grid({
         "datasets": [{"name": "digits", "params": {"image_size": 16, "scale": "[-1,1]"}}],
@@ -150,14 +150,14 @@ def test_oracles_are_cached_on_disk(tmp_path, monkeypatch):
     })
     cell = grid.cells()[0]
     options = RunOptions(out_dir=tmp_path, progress=False)
-    pool, trained = collab_cells.participants_pool_and_oracle(Runner(grid, options).context, cell)
+    pool, trained = class_representatives.participants_pool_and_oracle(Runner(grid, options).context, cell)
 
-    @functools.wraps(collab_cells.train_oracle)  # the same signature: its defaults are part of the cache key
+    @functools.wraps(class_representatives.train_oracle)  # the same signature: its defaults are part of the cache key
     def no_training(*args, **kwargs):
         raise AssertionError("the oracle was trained again")
 
-    monkeypatch.setattr(collab_cells, "train_oracle", no_training)
-    pool_again, loaded = collab_cells.participants_pool_and_oracle(Runner(grid, options).context, cell)
+    monkeypatch.setattr(class_representatives, "train_oracle", no_training)
+    pool_again, loaded = class_representatives.participants_pool_and_oracle(Runner(grid, options).context, cell)
     assert torch.equal(pool_again.labels, pool.labels)
     probe = pool.images[:32]
     assert torch.equal(loaded.probabilities(probe), trained.probabilities(probe))

@@ -1,7 +1,7 @@
 """The sandbox child of ``leakbench submit``: loads a submitted defense and answers the parent's requests.
 
 Run as ``python -m leakbench.leaderboard.sandbox_worker --fd N --memory-mb M --cpu-seconds S`` by
-``leakbench.submission``. It caps its own address space and CPU time before any submitted code is
+``leakbench.leaderboard.sandbox``. It caps its own address space and CPU time before any submitted code is
 imported, then serves one request at a time over the inherited socket. Every update, in the accuracy
 run and in the attacks alike, is produced by the same ``serve_share`` call on the same defense object, with
 the same kind of inputs (the victim's model, its batch, a seed), so the defense cannot tell the two apart
@@ -95,7 +95,7 @@ def load_defense_class(spec: dict) -> type:
 def check_update(update: Any, params: list[torch.Tensor], method: str) -> list[torch.Tensor]:
     """The update a method returned, or ValueError naming the first problem: one tensor per entry of
     ``params``, of its shape and dtype, all finite. The parent applies the same rules again to what it
-    receives (``leakbench.submission.check_update``), since it does not trust the child."""
+    receives (``leakbench.leaderboard.sandbox.check_update``), since it does not trust the child."""
     if not isinstance(update, (list, tuple)) or not all(isinstance(u, torch.Tensor) for u in update):
         raise ValueError(f"{method} returned {type(update).__name__}, expected a list of tensors")
     if len(update) != len(params):
