@@ -140,7 +140,8 @@ class CellKind(ABC):
 
 
 def kind_of_attack(name: str) -> CellKind:
-    """The kind of cell that runs attack ``name`` (its ``setting``)."""
+    """The kind of cell that runs attack ``name`` (its ``setting``); a one-line error for an unregistered
+    attack or setting."""
     return CELL_KINDS.get(ATTACKS.get(name).setting)()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scipy.stats import binomtest
 
-from ..cells.base import CLASS_REPRESENTATIVES, RECORD_RECONSTRUCTION
+from ..cells.base import CLASS_REPRESENTATIVES, RECORD_RECONSTRUCTION, kind_of_attack
 from ..registry import ATTACKS, CELL_KINDS
 from .schema import Entry
 
@@ -48,7 +48,7 @@ def threat_model_of(attack: str) -> str:
     """The harm an attack's records measure: its kind of cell's threat model ("other" when the attack is
     not registered here, e.g. a plugin that is not installed)."""
     if attack in ATTACKS and ATTACKS.get(attack).setting in CELL_KINDS:
-        return CELL_KINDS.get(ATTACKS.get(attack).setting).threat_model
+        return kind_of_attack(attack).threat_model
     return "other"
 
 

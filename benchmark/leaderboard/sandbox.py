@@ -330,23 +330,24 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
                     return [o.to(device) for o in outputs], [p.to(device) for p in products]
                 return replay
 
-            plain = replay_with([0])
             chosen: list[Replay] = []
 
             def replay(update, cotangent):
                 if not chosen:  # decided on first use, by an adaptive attack: other attacks cost nothing
-                    chosen.append(plain if self.replayable_transform else self._draws(shared, replay_with))
+                    chosen.append(replay_with(self._draws(shared, replay_with)))
                 return chosen[0](update, cotangent)
 
             return replayed_map(f"{self.label()} replayed in the sandbox", replay)
 
-        def _draws(self, shared, replay_with) -> Replay:
-            """One draw for a deterministic transform, EOT_DRAWS for a random one (two draws tell which)."""
+        def _draws(self, shared, replay_with) -> list[int]:
+            """The seeds to replay with: one for a deterministic transform (declared, or seen when two
+            draws agree), EOT_DRAWS for a random one."""
+            if self.replayable_transform:
+                return [0]
             first, _ = replay_with([1])(shared, None)
             second, _ = replay_with([2])(shared, None)
-            if all(torch.equal(a, b) for a, b in zip(first, second)):
-                return replay_with([0])
-            return replay_with(list(range(EOT_DRAWS)))
+            same = all(torch.equal(a, b) for a, b in zip(first, second))
+            return [0] if same else list(range(EOT_DRAWS))
 
         def privacy(self, *, steps: int, sample_rate: float) -> dict[str, Any]:
             return {}  # a submission's privacy claim is recorded under `reported`, not measured

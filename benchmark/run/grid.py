@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..catalog import load_all
+from ..cells.base import kind_of_attack
 from ..collab.config import check_protocol_mapping
 from ..errors import ConfigError, did_you_mean
 from ..params import check_section
@@ -25,7 +26,7 @@ from ..training import TrainingConfig
 from ..yaml_config import read_with_includes, relative_to
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..cells.base import CellKind
+    from ..cells.base import CellKind  # noqa: F401  (the annotation of Cell.kind)
 
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
                   "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "oracle", "subgrids",
@@ -98,7 +99,7 @@ class Cell:
     @property
     def kind(self) -> "CellKind":
         """The kind of cell that runs this cell's attack (``leakbench.cells``)."""
-        return CELL_KINDS.get(ATTACKS.get(self.attack.name).setting)()
+        return kind_of_attack(self.attack.name)
 
     def config(self, grid: "Grid | None" = None) -> dict:
         """Everything that determines this cell's result (its identity for resuming), as its kind states it."""

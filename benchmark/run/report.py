@@ -84,6 +84,12 @@ def _pct(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
+def verdict_mark(row) -> str:
+    """A summary row's verdict as tables and figures show it: ✓ defends, ✗ leaks, – no verdict (the attack
+    does not leak even against `none` on that dataset and model)."""
+    return (DEFENDED if row["defended"] else LEAKS) if row["attack_works"] else NO_VERDICT
+
+
 def defendability_table(records: list[dict]) -> pd.DataFrame:
     """The wide Table-3 layout: a row per defense setting, accuracy, then per attack the leak rate,
     the median PSNR and the verdict (✓ defends, ✗ leaks)."""
@@ -104,19 +110,17 @@ def defendability_table(records: list[dict]) -> pd.DataFrame:
             row[f"{a} leak"] = _pct(r["leak_rate"])
             for column in kind_columns(r["setting"]):  # e.g. PSNR for reconstructions, oracle for class look-alikes
                 row[f"{a} {column.label}"] = _formatted(r[f"column:{column.metric}"], column.style)
-            row[f"{a} defends"] = (DEFENDED if r["defended"] else LEAKS) if r["attack_works"] else NO_VERDICT
+            row[f"{a} defends"] = verdict_mark(r)
         rows.append(row)
     return pd.DataFrame(rows).fillna("")  # blocks of a grid with different attacks leave gaps
 
 
-def verdict_marks(records: list[dict]) -> dict[str, str]:
+def verdict_marks(records: list[dict], summary: pd.DataFrame | None = None) -> dict[str, str]:
     """The table's verdict mark of each record (by key): its row's pooled verdict, or no verdict where the
     attack does not leak against `none` on that dataset and model. Figures show exactly these marks."""
-    summary = summary_frame(records)
-    marks = {}
-    for _, row in summary.iterrows():
-        mark = (DEFENDED if row["defended"] else LEAKS) if row["attack_works"] else NO_VERDICT
-        marks[(str(row["dataset"]), str(row["model"]), str(row["defense"]), str(row["attack"]))] = mark
+    summary = summary_frame(records) if summary is None else summary
+    marks = {(str(row["dataset"]), str(row["model"]), str(row["defense"]), str(row["attack"])): verdict_mark(row)
+             for _, row in summary.iterrows()}
     return {r["key"]: marks.get((r["dataset"], r["model"], r["defense_label"], r["attack"]), NO_VERDICT)
             for r in records}
 
@@ -182,9 +186,10 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
-    summary_frame(records).to_csv(out / "summary.csv", index=False)
+    summary = summary_frame(records)
+    summary.to_csv(out / "summary.csv", index=False)
     if images:
-        written = set(render_samples(out, records, verdict_marks(records)))
+        written = set(render_samples(out, records, verdict_marks(records, summary)))
         for stale in set(out.glob("reconstructions_*.png")) - written:  # figures of an earlier rendering
             stale.unlink()
     return md + "\n" + legend
