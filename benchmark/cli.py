@@ -33,7 +33,8 @@ from .version import __version__
 from .yaml_config import safe_load_bounded
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
-DEFAULT_BOARD_PROTOCOL = "v1-smoke"
+DEFAULT_BOARD_PROTOCOL = "v2-smoke"
+SMOKE_PROTOCOL = "v2-smoke"  # --smoke: the current CPU-sized protocol
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     smt.add_argument("--authors", default="anonymous")
     smt.add_argument("--link", default=None, help="http(s) URL of a paper or repository")
     smt.add_argument("--params", nargs="*", default=[], metavar="K=V", help="the defense's parameters (YAML values)")
-    smt.add_argument("--protocol", default=None, choices=["v1", "v1-smoke"],
-                     help=f"leaderboard protocol [{DEFAULT_BOARD_PROTOCOL}]")
-    smt.add_argument("--smoke", action="store_true", help="the CPU-sized protocol (= --protocol v1-smoke)")
+    smt.add_argument("--protocol", default=None,
+                     help=f"leaderboard protocol: v2 (GPU) or v2-smoke (CPU) [{DEFAULT_BOARD_PROTOCOL}]")
+    smt.add_argument("--smoke", action="store_true", help=f"the CPU-sized protocol (= --protocol {SMOKE_PROTOCOL})")
     smt.add_argument("--reported", nargs="*", default=[], metavar="K=V",
                      help="what the submitter claims (recorded under `reported`, never ranked)")
     smt.add_argument("--reported-file", default=None, help="a JSON object of claims, merged under `reported`")
@@ -269,9 +270,9 @@ def _key_values(pairs: list[str], option: str) -> dict:
 
 
 def cmd_submit(args) -> int:
-    if args.smoke and args.protocol not in (None, "v1-smoke"):
+    if args.smoke and args.protocol not in (None, SMOKE_PROTOCOL):
         raise ConfigError(f"--smoke conflicts with --protocol {args.protocol}; allowed: one of them")
-    protocol = "v1-smoke" if args.smoke else (args.protocol or DEFAULT_BOARD_PROTOCOL)
+    protocol = SMOKE_PROTOCOL if args.smoke else (args.protocol or DEFAULT_BOARD_PROTOCOL)
     reported = {}
     if args.reported_file:
         try:

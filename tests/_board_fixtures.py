@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-PROTOCOL = "v1-smoke"
+PROTOCOL = "v2-smoke"
 FLOOR = 0.5
 BASELINE = 0.95
 
@@ -23,17 +23,17 @@ BOARD = {
 
 def make_entry(name: str, accuracy: float, leaks: dict[str, float], epsilon: float | None = None, *,
                protocol: str = PROTOCOL, floor: float = FLOOR, authors: str = "A. Tester",
-               params: dict | None = None) -> dict:
+               params: dict | None = None, targets: int = 4) -> dict:
     """A schema-valid entry whose derived fields (drop, worst case, flag) follow from its inputs."""
     attacks = {}
     for attack, leak in leaks.items():
         variant = "adaptive" if attack.endswith("-adaptive") else "fixed"
         if attack.startswith("gan"):
             attacks[attack] = {"leak_rate": leak, "oracle_accuracy": min(1.0, leak + 0.4),
-                               "nn_ssim_mean": 0.1 + 0.5 * leak, "variant": variant}
+                               "nn_ssim_mean": 0.1 + 0.5 * leak, "targets": targets, "variant": variant}
         else:
             attacks[attack] = {"leak_rate": leak, "psnr_median": 8.0 + 30.0 * leak,
-                               "ssim_median": 0.05 + 0.8 * leak, "targets": 4, "variant": variant}
+                               "ssim_median": 0.05 + 0.8 * leak, "targets": targets, "variant": variant}
     worst_attack = max(attacks, key=lambda a: attacks[a]["leak_rate"])
     return {
         "schema_version": 1, "protocol": protocol, "name": name, "authors": authors,

@@ -2,6 +2,7 @@
 `leakbench leaderboard` command (render; verify is dispatched to leaderboard.verify)."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import itertools
 import json
@@ -12,8 +13,9 @@ import pytest
 
 from leakbench.cli import main
 from leakbench.errors import ConfigError
+from leakbench.cells.base import CLASS_REPRESENTATIVES
 from leakbench.leaderboard.markdown import render_markdown
-from leakbench.leaderboard.ranking import RANKING_RULE, pareto, rank
+from leakbench.leaderboard.ranking import OVERALL, RANKING_RULE, pareto, rank, ranked_leak, standings
 from leakbench.leaderboard.schema import Entry, load_board, load_entry, validate_entry
 
 _spec = importlib.util.spec_from_file_location("_board_fixtures", Path(__file__).with_name("_board_fixtures.py"))
@@ -107,7 +109,7 @@ def test_nan_and_file_placement_are_rejected(tmp_path):
         load_entry(path)
     # a file whose protocol differs from its folder, or whose name differs from its file name
     wrong_folder = fx.write_entry(tmp_path, entry(), protocol="v1")
-    with pytest.raises(ConfigError, match=r'protocol is "v1-smoke"; allowed: "v1", the folder'):
+    with pytest.raises(ConfigError, match=r'protocol is "v2-smoke"; allowed: "v1", the folder'):
         load_entry(wrong_folder)
     wrong_file = fx.write_entry(tmp_path, entry(), name="other")
     with pytest.raises(ConfigError, match=r'name is "clipped-noise"; allowed: "other"'):
@@ -118,9 +120,9 @@ def test_nan_and_file_placement_are_rejected(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="the entry is a list; allowed: an object with keys schema_version"):
         load_entry(path)
-    (tmp_path / "v1-smoke" / "broken.json").write_text("{")
+    (tmp_path / "v2-smoke" / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
-        load_entry(tmp_path / "v1-smoke" / "broken.json")
+        load_entry(tmp_path / "v2-smoke" / "broken.json")
 
 
 def test_floors_measured_apart_each_flag_their_own_entry():
@@ -149,6 +151,58 @@ def test_ranking_ties_break_by_accuracy_then_name_and_floor_comes_first():
     leaky_ok = as_entry(entry("leaky", 0.9, {"dlg": 1.0}))
     safe_low = as_entry(entry("safe-low", 0.3, {"dlg": 0.0}))
     assert [e.name for e in rank([safe_low, leaky_ok])] == ["leaky", "safe-low"]
+
+
+def test_overlapping_intervals_share_a_rank():
+    """A rank is 1 + the number of entries whose 95% interval lies wholly below: with 4 targets 0.125
+    ([0-49%]) and 0.5 ([15-85%]) overlap, so they tie; 1.0 ([51-100%]) is clearly worse than 0.125 only."""
+    shown = {e.name: r for e, r in standings(fixture_board())}
+    assert shown == {"dp-sgd-strong": "=1", "clipped-noise": "=1", "selective": "=1", "prune-light": "=2",
+                     "quant-int8": "=2", "noise-heavy": "–"}  # below the floor: not ranked
+    # with 16 targets 0/16 [0-19%], 8/16 [28-72%] and 16/16 [81-100%] are all apart
+    apart = [as_entry(entry(n, 0.9, {"dlg": leak}, targets=16)) for n, leak in (("z", 0.0), ("h", 0.5), ("o", 1.0))]
+    assert [(e.name, r) for e, r in standings(apart)] == [("z", "1"), ("h", "2"), ("o", "3")]
+    # the markdown's # column shows the same ranks
+    rows = [line for line in render_markdown(fx.PROTOCOL, fixture_board()).splitlines() if line.startswith("| ") and "[" in line]
+    assert [r.strip("|").split("|")[0].strip() for r in rows] == ["=1", "=1", "=1", "=2", "=2", "–"]
+
+
+def test_board_ranks_by_record_reconstruction_and_can_rank_by_each_threat_model():
+    """Model inversion (class representatives) leaking on every entry must not decide the ranking: the
+    default ranks by the gradient attacks; the other threat models are rankings of their own."""
+    records_safe = as_entry(entry("records-safe", 0.9, {"dlg": 0.0, "gan-active": 1.0}, targets=16))
+    class_safe = as_entry(entry("class-safe", 0.9, {"dlg": 1.0, "gan-active": 0.0}, targets=16))
+    board = [class_safe, records_safe]
+    assert [e.name for e in rank(board)] == ["records-safe", "class-safe"]
+    assert [e.name for e in rank(board, CLASS_REPRESENTATIVES)] == ["class-safe", "records-safe"]
+    assert {e.name for e in rank(board, OVERALL)} == {"records-safe", "class-safe"}  # both leak 100% somewhere
+    assert ranked_leak(records_safe).attack == "dlg" and ranked_leak(records_safe, OVERALL).leak_rate == 1.0
+    assert pareto(board) == {"records-safe"} and pareto(board, CLASS_REPRESENTATIVES) == {"class-safe"}
+    # an entry without attacks of a threat model has no rank under it, and sorts last
+    only_records = as_entry(entry("only-records", 0.95, {"dlg": 0.0}, targets=16))
+    assert dict((e.name, r) for e, r in standings([*board, only_records], CLASS_REPRESENTATIVES))["only-records"] == "–"
+
+
+def test_an_entry_whose_training_diverged_in_any_part_is_flagged_not_ranked():
+    diverged = entry("fake", 0.95, {"dlg": 0.0}, targets=16)
+    parts = [{"part": "main", "accuracy": 0.95, "baseline": 0.95, "floor": 0.475, "diverged": False},
+             {"part": "inversion", "accuracy": 0.1, "baseline": 0.96, "floor": 0.48, "diverged": True}]
+    diverged["flags"].update(training_diverged=True, training=parts)
+    honest = as_entry(entry("honest", 0.9, {"dlg": 0.5}, targets=16))
+    fake = as_entry(diverged)
+    assert fake.flagged and not fake.below_floor and fake.diverged_parts == ["inversion"]
+    assert [(e.name, r) for e, r in standings([fake, honest])] == [("honest", "1"), ("fake", "–")]
+    assert "training diverged (inversion)" in render_markdown(fx.PROTOCOL, [fake, honest])
+    # the flag must follow from the parts
+    lying = copy.deepcopy(diverged)
+    lying["flags"]["training_diverged"] = False
+    with pytest.raises(ConfigError, match=r"flags.training_diverged is false; allowed: true, whether any of "
+                                          r"flags.training diverged"):
+        as_entry(lying)
+    lying["flags"]["training"][1]["diverged"] = False
+    with pytest.raises(ConfigError, match=r"flags.training\[1\].diverged is false; allowed: true, since its "
+                                          r"accuracy 0.1 < its floor 0.48"):
+        as_entry(lying)
 
 
 def brute_force_front(entries: list[Entry]) -> set[str]:
@@ -199,7 +253,7 @@ def test_markdown_board_lists_ranked_entries_with_marks():
         assert cells[5] == f"{100 * e.accuracy:.1f}%"
         assert cells[7] == f"{100 * e.worst_leak:.1f}% ({e.worst_attack})"
         assert ("below accuracy floor" in row) == e.below_floor
-    assert "worst-case leak rate" in text and "accuracy floor of 50.0%" in text
+    assert "Wilson 95% interval" in text and "accuracy floor of 50.0%" in text
     assert "no entries yet" in render_markdown("v1", [])
 
 
@@ -217,8 +271,8 @@ def test_leaderboard_render_writes_markdown_and_html(tmp_path, capsys):
     fx.write_board(tmp_path)
     assert main(["leaderboard", "--root", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert render_markdown(fx.PROTOCOL, load_board(fx.PROTOCOL, tmp_path), html_link="v1-smoke/index.html") in readme
-    assert (tmp_path / fx.PROTOCOL / "index.html").read_text().count("<tr data-rank") == len(fx.BOARD)
+    assert render_markdown(fx.PROTOCOL, load_board(fx.PROTOCOL, tmp_path), html_link="v2-smoke/index.html") in readme
+    assert (tmp_path / fx.PROTOCOL / "index.html").read_text().count("<tr data-name") == len(fx.BOARD)
     assert "README.md" in capsys.readouterr().out
     # no entries at all: the index says so; a named protocol gets an empty board
     empty = tmp_path / "empty"
@@ -259,7 +313,7 @@ def test_leaderboard_verify_dispatches_to_leaderboard_verify(tmp_path, monkeypat
     # no ENTRY: it verifies the whole board of the (default) protocol
     monkeypatch.setenv("LEAKBENCH_DATA_DIR", "env-mirror")
     assert main(["leaderboard", "verify"]) == 3
-    assert calls[-1] == ([], Path("leaderboards"), "v1-smoke", "env-mirror")
+    assert calls[-1] == ([], Path("leaderboards"), "v2-smoke", "env-mirror")
 
 
 def test_every_leak_rate_has_its_targets_and_interval_and_each_harm_its_worst_case(tmp_path):

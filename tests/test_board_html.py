@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from leakbench.cells.base import CLASS_REPRESENTATIVES, RECORD_RECONSTRUCTION
 from leakbench.leaderboard.html import render_html
 from leakbench.leaderboard.publish import render_boards
-from leakbench.leaderboard.ranking import pareto, rank
+from leakbench.leaderboard.ranking import OVERALL, pareto, rank, ranked_leak, ranking_rule, standings
 from leakbench.leaderboard.schema import load_board
 
 _spec = importlib.util.spec_from_file_location("_board_fixtures", Path(__file__).with_name("_board_fixtures.py"))
@@ -54,12 +55,14 @@ def test_page_is_self_contained_and_escapes_submitter_strings(board):
     assert "default-src &#x27;none&#x27;" in page and "connect-src &#x27;none&#x27;" in page
     data = json.loads(page.split('<script type="application/json" id="board-data">', 1)[1].split("</script>", 1)[0])
     assert [e["name"] for e in data["entries"]] == [e.name for e in rank(entries)]
-    assert {e["name"] for e in data["entries"] if e["pareto"]} == pareto(entries)
+    assert {e["name"] for e in data["entries"] if e["pareto"]["record-reconstruction"]} == pareto(entries)
+    assert {e["name"] for e in data["entries"] if e["pareto"]["class-representatives"]} == \
+        pareto(entries, CLASS_REPRESENTATIVES)
 
 
 def test_empty_board_says_so():
     page = render_html("v1", [])
-    assert "No entries yet." in page and "<tr data-rank" not in page
+    assert "No entries yet." in page and "<tr data-name" not in page
 
 
 # --- headless Chromium over the DevTools protocol ------------------------------------------------
@@ -227,9 +230,9 @@ def test_page_in_chromium_loads_sorts_and_plots(board, browser):
     assert {p[0] for p in points if p[1]} == pareto(entries)
     assert all(p[4].startswith(p[0]) for p in points)
     xy = {p[0]: (p[2], p[3]) for p in points}
-    for a in entries:  # more leakage lies further right, more accuracy higher up (smaller y)
+    for a in entries:  # more leakage (the ranked one) lies further right, more accuracy higher up (smaller y)
         for b in entries:
-            if a.worst_leak < b.worst_leak:
+            if ranked_leak(a).leak_rate < ranked_leak(b).leak_rate:
                 assert xy[a.name][0] < xy[b.name][0]
             if a.accuracy > b.accuracy:
                 assert xy[a.name][1] < xy[b.name][1]
@@ -237,6 +240,22 @@ def test_page_in_chromium_loads_sorts_and_plots(board, browser):
                       ".trim().split(' ').length") == len(pareto(entries))
     assert browser.js("document.querySelector('#plot').getAttribute('data-drawn')") == str(len(entries))
     assert browser.js("document.querySelectorAll('#plot .floor-line').length") == 1
+
+    # the "Rank by" choice: rows, ranks, stars and plot follow the chosen threat model, and back
+    shown_ranks = "Array.from(document.querySelectorAll('#board tbody tr')).map(function (r) { return r.cells[0].textContent; })"
+    for by in (RECORD_RECONSTRUCTION, CLASS_REPRESENTATIVES, OVERALL, RECORD_RECONSTRUCTION):
+        browser.js(f"(function () {{ var s = document.getElementById('rank-by'); s.value = '{by.replace(' ', '-')}';"
+                   f" s.dispatchEvent(new Event('change')); return 0; }})()")
+        assert browser.js(ROW_NAMES) == [e.name for e in rank(entries, by)], by
+        assert browser.js(shown_ranks) == [r for _, r in standings(entries, by)], by
+        stars = browser.js("Array.from(document.querySelectorAll('#board tbody tr')).filter(function (r) "
+                           "{ return r.cells[1].textContent === '\u2605'; }).map(function (r) { return r.dataset.name; })")
+        assert set(stars) == pareto(entries, by), by
+        assert browser.js("document.querySelector('#plot').getAttribute('data-ranking')") == by.replace(" ", "-")
+        plotted = browser.js("Array.from(document.querySelectorAll('#plot circle.point.pareto')).map(function (c) "
+                             "{ return c.dataset.name; })")
+        assert set(plotted) == pareto(entries, by), by
+        assert browser.js("document.getElementById('rule').textContent") == ranking_rule(by)
 
     # no script error, and nothing was requested but the page itself
     errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]

@@ -13,7 +13,7 @@ from leakbench.leaderboard.sandbox import SandboxLimits, SubmissionError
 from leakbench.leaderboard.schema import load_board, load_entry
 from leakbench.leaderboard.submit import submit
 
-# A tiny protocol override: the v1-smoke structure with budgets small enough for the test suite.
+# A tiny protocol override: the v2-smoke structure with budgets small enough for the test suite.
 TINY = {
     "datasets": [{"name": "digits", "params": {"image_size": 8}}],
     "attacks": [{"name": "dlg", "params": {"steps": 4}},
@@ -69,15 +69,15 @@ def test_broken_defense_fails_with_one_line_and_writes_nothing(tmp_path, kind):
 
 def test_cli_reports_a_crash_on_one_line_with_exit_2(tmp_path, capsys):
     root = tmp_path / "board"
-    (root / "v1-smoke").mkdir(parents=True)
-    (root / "v1-smoke" / "kept.json").write_text("{}")
+    (root / "v2-smoke").mkdir(parents=True)
+    (root / "v2-smoke" / "kept.json").write_text("{}")
     code = main(["submit", defense_file(tmp_path, "raise ValueError('no')"), "--name", "broken",
                  "--root", str(root), "--smoke", *(["--trust-code"] if NO_SANDBOX else [])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("leakbench: error: submitted defense") and "ValueError: no" in err[-1]
     assert not any("Traceback" in line for line in err)
-    assert board_files(root) == ["v1-smoke", "v1-smoke/kept.json"]  # the board is untouched
+    assert board_files(root) == ["v2-smoke", "v2-smoke/kept.json"]  # the board is untouched
 
 
 def test_timeout_kills_the_sandbox(tmp_path):
@@ -116,9 +116,9 @@ def test_worked_example_submits_and_appears_on_the_board(tmp_path):
     path, entry = submit("examples/defenses/clipped_noise.py:ClippedNoise", name="clipped-noise", authors="tests",
                          params={"clip": 1.0, "noise_ratio": 0.5}, root=root, overrides=TINY, limits=FAST,
                          reported={"claim": "robust"})
-    assert path == root / "v1-smoke" / "clipped-noise.json"
+    assert path == root / "v2-smoke" / "clipped-noise.json"
     loaded = load_entry(path)  # the board's validator accepts it
-    assert [e.name for e in load_board("v1-smoke", root)] == ["clipped-noise"]
+    assert [e.name for e in load_board("v2-smoke", root)] == ["clipped-noise"]
     assert loaded.data["defense"] == {"source": "file:examples/defenses/clipped_noise.py:ClippedNoise",
                                       "params": {"clip": 1.0, "noise_ratio": 0.5}}
     assert set(entry["attacks"]) == {"dlg", "dlg-adaptive"}
@@ -226,7 +226,7 @@ def test_a_defense_that_tries_to_tell_the_runs_apart_gains_nothing(tmp_path, mon
 
 # -- attacks on the trained model and inside the collaborative protocol ---------------------------------
 
-# The v1-smoke model-inversion subgrid's structure (an MLP on the digits) with test-sized budgets.
+# The v2-smoke model-inversion subgrid's structure (an MLP on the digits) with test-sized budgets.
 TINY_INVERSION = {
     "name": "tiny-inversion",
     "datasets": [{"name": "digits", "params": {"image_size": 8}}],
@@ -236,16 +236,17 @@ TINY_INVERSION = {
     "gan_verdict": {"min_ssim": 0.3},
     # one epoch: the proxy of a sandboxed defense draws the child's seed from the run's generator, which the
     # next epoch's batch order also draws from, so only a one-epoch run matches an in-process run batch for batch
-    "accuracy": {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.1, "momentum": 0.0,
-                 "train_size": 128, "test_size": 64},
+    # the v2 protocols' one training recipe (Adam 1e-3, batch 32) in every part, as the main grid's
+    "accuracy": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.001, "train_size": 128, "test_size": 64},
 }
 HALVED = """
     import torch
     from leakbench import Defense
 
     class Halved(Defense):
+        # shares half of each update (every other coordinate): a change that Adam, scale-invariant, sees
         def transform(self, update, *, generator=None):
-            return [0.5 * u for u in update]
+            return [(u.flatten() * (torch.arange(u.numel()) % 2 == 0)).view_as(u) for u in update]
 """
 
 
@@ -302,7 +303,7 @@ def test_model_inversion_attacks_the_model_the_submitted_defense_trained(tmp_pat
     assert scores["protocol_accuracy"] == pytest.approx(accuracy["accuracy"], abs=1e-4)
 
 
-# The v1 GAN subgrid's structure (gan-active, hitaj-mnist-cnn, two participants) on the digits, tiny.
+# The v2 GAN subgrid's structure (gan-active, hitaj-mnist-cnn, two participants) on the digits, tiny.
 TINY_GAN = {
     "name": "tiny-gan",
     "datasets": [{"name": "digits", "params": {"image_size": 32, "scale": "[-1,1]"},
@@ -314,8 +315,7 @@ TINY_GAN = {
     "defenses": ["none"],
     "protocol": {"lr": 0.05, "max_rounds": 2, "local_batches": 2, "evaluate_local": False},
     "gan_verdict": {"min_ssim": 0.3},
-    "accuracy": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.0,
-                 "train_size": 64, "test_size": 64},
+    "accuracy": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.001, "train_size": 64, "test_size": 64},
 }
 # Logs every transform call (to a file the test reads: the object lives in the sandbox) and whether its own
 # compute_update produced the update; shares nothing.
@@ -356,7 +356,7 @@ def test_gan_uploads_go_through_the_submitted_transform(tmp_path):
     path = tmp_path / "zero_uploads.py"
     path.write_text(textwrap.dedent(ZERO_UPLOADS).replace("LOG", repr(str(log))))
     source = DefenseSource.parse(f"{path}:ZeroUploads")
-    protocol = load_protocol("v1-smoke")
+    protocol = load_protocol("v2-smoke")
     # the defense logs its calls to a file of the test's: outside the bubblewrap sandbox, which would
     # refuse that write (tests/test_sandbox.py proves it), so this trusted test code runs unconfined
     trusted = SandboxLimits(timeout_s=120, memory_mb=4096, trust_code=True)

@@ -1,5 +1,5 @@
 """The built-in defenses as board entries, at the papers' settings: ``python -m
-leakbench.leaderboard.builtin_entries seed --protocol v1-smoke`` (re-)writes them."""
+leakbench.leaderboard.builtin_entries seed --protocol v2-smoke`` (re-)writes them."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Seed a leaderboard with the built-in defenses.")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("seed")
-    s.add_argument("--protocol", default="v1-smoke")
+    s.add_argument("--protocol", default="v2-smoke")
     s.add_argument("--root", default=str(DEFAULT_ROOT))
     s.add_argument("--replace", action="store_true")
     s.add_argument("--only", nargs="*", help="seed only these entry names")

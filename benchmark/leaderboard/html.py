@@ -14,9 +14,11 @@ import hashlib
 import html
 import json
 
+from ..cells.base import CLASS_REPRESENTATIVES, RECORD_RECONSTRUCTION
+from .markdown import flag_text
 from .ranking import (
-    RANKING_RULE, THREAT_MODELS, attack_columns, board_summary, common_floor, leak_text, pareto, percent, rank,
-    worst_by_threat,
+    DEFAULT_RANKING, OVERALL, RANKINGS, THREAT_MODELS, attack_columns, board_summary, common_floor, leak_text, pareto,
+    percent, rank, ranked_leak, ranking_rule, standings, worst_by_threat,
 )
 from .schema import Entry
 
@@ -41,7 +43,9 @@ tr.below-floor { color: #777; }
 #plot text { font-size: 11px; fill: #333; }
 """
 
-# Reads the embedded entries, makes every header sort its column (ties by rank) and draws the plot.
+# Reads the embedded entries, makes every header sort its column (ties by the current ranking), lets the
+# reader rank by any threat model (the "Rank by" choice re-orders the rows, re-numbers the ranks and
+# re-draws the plot and its Pareto front) and draws the plot.
 _SCRIPT = r"""
 (function () {
   "use strict";
@@ -49,16 +53,19 @@ _SCRIPT = r"""
   var board = JSON.parse(document.getElementById("board-data").textContent);
   var table = document.getElementById("board");
   var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  var choice = document.getElementById("rank-by");
+  var by = board.default_ranking;
 
   function compare(a, b, column, numeric) {
     var x = a.cells[column].getAttribute("data-value"), y = b.cells[column].getAttribute("data-value");
     if (x === "" || y === "") { return x === y ? 0 : (x === "" ? 1 : -1); }  // missing values last
     return numeric ? Number(x) - Number(y) : (x < y ? -1 : x > y ? 1 : 0);
   }
+  function order(row) { return Number(row.getAttribute("data-order-" + by)); }
 
-  function sortBy(th) {
+  function sortBy(th, direction) {
     var column = headers.indexOf(th), numeric = th.getAttribute("data-type") === "number";
-    var direction = th.getAttribute("aria-sort") === "ascending" ? "descending" : "ascending";
+    direction = direction || (th.getAttribute("aria-sort") === "ascending" ? "descending" : "ascending");
     headers.forEach(function (h) { h.setAttribute("aria-sort", "none"); });
     th.setAttribute("aria-sort", direction);
     var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
@@ -66,11 +73,28 @@ _SCRIPT = r"""
       var c = compare(a, b, column, numeric);
       if (direction === "descending" && a.cells[column].getAttribute("data-value") !== ""
           && b.cells[column].getAttribute("data-value") !== "") { c = -c; }
-      return c || Number(a.getAttribute("data-rank")) - Number(b.getAttribute("data-rank"));
+      return c || order(a) - order(b);
     });
     rows.forEach(function (row) { body.appendChild(row); });
   }
   headers.forEach(function (th) { th.addEventListener("click", function () { sortBy(th); }); });
+
+  function rankBy(key) {
+    by = key;
+    Array.prototype.slice.call(table.tBodies[0].rows).forEach(function (row) {
+      var rankCell = row.cells[0], star = row.cells[1], onFront = row.getAttribute("data-pareto-" + by) === "1";
+      rankCell.textContent = row.getAttribute("data-rank-" + by);
+      rankCell.setAttribute("data-value", row.getAttribute("data-order-" + by));
+      star.textContent = onFront ? "\u2605" : "";
+      star.setAttribute("data-value", onFront ? "1" : "0");
+      row.classList.toggle("pareto", onFront);
+    });
+    var rule = document.getElementById("rule");
+    if (rule) { rule.textContent = board.ranking_rules[by]; }
+    sortBy(headers[0], "ascending");
+    draw();
+  }
+  choice.addEventListener("change", function () { rankBy(choice.value); });
 
   function el(name, attrs, parent, text) {
     var node = document.createElementNS(SVG, name);
@@ -83,49 +107,54 @@ _SCRIPT = r"""
 
   var svg = document.getElementById("plot");
   var W = 640, H = 400, left = 56, right = 16, top = 16, bottom = 48;
-  var entries = board.entries;
-  if (!entries.length) {
-    el("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, svg, "No entries yet.");
-    svg.setAttribute("data-drawn", "0");
-    return;
-  }
-  var floor = board.accuracy_floor;
-  var lowest = Math.min.apply(null, entries.map(function (e) { return e.accuracy; }).concat(floor === null ? [] : [floor]));
-  var yLo = Math.max(0, Math.floor((lowest - 0.05) * 10) / 10), yHi = 1;
-  function px(leak) { return left + leak * (W - left - right); }
-  function py(acc) { return top + (yHi - acc) / (yHi - yLo) * (H - top - bottom); }
 
-  el("line", {x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, "class": "axis"}, svg);
-  el("line", {x1: left, y1: top, x2: left, y2: H - bottom, "class": "axis"}, svg);
-  for (var i = 0; i <= 5; i++) {
-    el("text", {x: px(i / 5), y: H - bottom + 16, "text-anchor": "middle"}, svg, (20 * i) + "%");
-  }
-  var tenths = Math.round((yHi - yLo) * 10), step = tenths > 5 ? 2 : 1;  // ticks on round percentages
-  for (var k = 0; k <= tenths; k += step) {
-    var a = yLo + k / 10;
-    el("text", {x: left - 6, y: py(a) + 4, "text-anchor": "end"}, svg, Math.round(100 * a) + "%");
-  }
-  el("text", {x: (left + W - right) / 2, y: H - 10, "text-anchor": "middle"}, svg,
-     "worst-case leak rate over the protocol's attacks (lower is better)");
-  el("text", {x: 14, y: (top + H - bottom) / 2, "text-anchor": "middle",
-              transform: "rotate(-90 14 " + (top + H - bottom) / 2 + ")"}, svg, "accuracy");
-  if (floor !== null) {
-    el("line", {x1: left, y1: py(floor), x2: W - right, y2: py(floor), "class": "floor-line"}, svg);
-    el("text", {x: W - right - 4, y: py(floor) - 4, "text-anchor": "end"}, svg, "accuracy floor " + pct(floor));
-  }
+  function draw() {
+    while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+    svg.setAttribute("data-ranking", by);
+    var entries = board.entries.filter(function (e) { return e.leak[by] !== null; });
+    if (!entries.length) {
+      el("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, svg, "No entries yet.");
+      svg.setAttribute("data-drawn", "0");
+      return;
+    }
+    var floor = board.accuracy_floor;
+    var lowest = Math.min.apply(null, entries.map(function (e) { return e.accuracy; }).concat(floor === null ? [] : [floor]));
+    var yLo = Math.max(0, Math.floor((lowest - 0.05) * 10) / 10), yHi = 1;
+    function px(leak) { return left + leak * (W - left - right); }
+    function py(acc) { return top + (yHi - acc) / (yHi - yLo) * (H - top - bottom); }
 
-  var front = entries.filter(function (e) { return e.pareto; })
-                     .sort(function (a, b) { return a.worst_leak - b.worst_leak || a.accuracy - b.accuracy; });
-  el("polyline", {"class": "front-line",
-                  points: front.map(function (e) { return px(e.worst_leak) + "," + py(e.accuracy); }).join(" ")}, svg);
-  entries.forEach(function (e) {
-    var circle = el("circle", {cx: px(e.worst_leak), cy: py(e.accuracy), r: 6,
-                               "class": "point" + (e.pareto ? " pareto" : "") + (e.below_floor ? " below-floor" : ""),
-                               "data-name": e.name}, svg);
-    el("title", {}, circle, e.name + (e.pareto ? " (Pareto front)" : "") + ": accuracy " + pct(e.accuracy)
-       + ", worst-case leak " + pct(e.worst_leak) + " (" + e.worst_attack + ")");
-  });
-  svg.setAttribute("data-drawn", String(entries.length));
+    el("line", {x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, "class": "axis"}, svg);
+    el("line", {x1: left, y1: top, x2: left, y2: H - bottom, "class": "axis"}, svg);
+    for (var i = 0; i <= 5; i++) {
+      el("text", {x: px(i / 5), y: H - bottom + 16, "text-anchor": "middle"}, svg, (20 * i) + "%");
+    }
+    var tenths = Math.round((yHi - yLo) * 10), step = tenths > 5 ? 2 : 1;  // ticks on round percentages
+    for (var k = 0; k <= tenths; k += step) {
+      var a = yLo + k / 10;
+      el("text", {x: left - 6, y: py(a) + 4, "text-anchor": "end"}, svg, Math.round(100 * a) + "%");
+    }
+    el("text", {x: (left + W - right) / 2, y: H - 10, "text-anchor": "middle"}, svg,
+       "worst leak rate, " + board.ranking_labels[by] + " (lower is better)");
+    el("text", {x: 14, y: (top + H - bottom) / 2, "text-anchor": "middle",
+                transform: "rotate(-90 14 " + (top + H - bottom) / 2 + ")"}, svg, "accuracy");
+    if (floor !== null) {
+      el("line", {x1: left, y1: py(floor), x2: W - right, y2: py(floor), "class": "floor-line"}, svg);
+      el("text", {x: W - right - 4, y: py(floor) - 4, "text-anchor": "end"}, svg, "accuracy floor " + pct(floor));
+    }
+    var front = entries.filter(function (e) { return e.pareto[by]; })
+                       .sort(function (a, b) { return a.leak[by] - b.leak[by] || a.accuracy - b.accuracy; });
+    el("polyline", {"class": "front-line",
+                    points: front.map(function (e) { return px(e.leak[by]) + "," + py(e.accuracy); }).join(" ")}, svg);
+    entries.forEach(function (e) {
+      var circle = el("circle", {cx: px(e.leak[by]), cy: py(e.accuracy), r: 6,
+                                 "class": "point" + (e.pareto[by] ? " pareto" : "") + (e.flagged ? " below-floor" : ""),
+                                 "data-name": e.name}, svg);
+      el("title", {}, circle, e.name + (e.pareto[by] ? " (Pareto front)" : "") + ": accuracy " + pct(e.accuracy)
+         + ", worst leak " + pct(e.leak[by]) + " (" + board.ranking_labels[by] + ")");
+    });
+    svg.setAttribute("data-drawn", String(entries.length));
+  }
+  draw();
 })();
 """
 
@@ -151,26 +180,39 @@ def _cell(text: str, value, *, numeric: bool = False, cls: str = "") -> str:
             f'data-value="{html.escape(sort_value)}">{html.escape(text)}</td>')
 
 
-def render_html(protocol: str, entries: list[Entry]) -> str:
+RANKING_LABELS = {RECORD_RECONSTRUCTION: "record reconstruction", CLASS_REPRESENTATIVES: "class representatives",
+                  OVERALL: "overall (every attack)"}
+
+
+def _slug(by: str) -> str:
+    """A ranking's name as an HTML attribute suffix and option value."""
+    return by.replace(" ", "-")
+
+
+def render_html(protocol: str, entries: list[Entry], *, superseded_by: str | None = None) -> str:
     """The page for one protocol's board."""
-    front = pareto(entries)
     attacks = attack_columns(entries)
     columns = ([("#", "number"), ("★", "number"), ("entry", "text"), ("authors", "text"), ("defense", "text"),
                 ("accuracy", "number"), ("drop", "number"), ("worst-case leak", "number")]
-               + [(f"worst, {m}", "number") for m in THREAT_MODELS]  # sort by one to rank by that harm
+               + [(f"worst, {m}", "number") for m in THREAT_MODELS]
                + [(f"{a} leak", "number") for a in attacks] + [("ε", "number"), ("flags", "text")])
     head = "".join(
         f'<th scope="col" data-type="{kind}" aria-sort="{"ascending" if i == 0 else "none"}">'
         f'<button type="button">{html.escape(label)}</button></th>'
         for i, (label, kind) in enumerate(columns))
+    # every ranking's order, shown rank and Pareto front, so the page can switch between them
+    placed = {by: {e.name: (i, shown) for i, (e, shown) in enumerate(standings(entries, by), start=1)}
+              for by in RANKINGS}
+    fronts = {by: pareto(entries, by) for by in RANKINGS}
+    default = DEFAULT_RANKING
     rows = []
-    for position, e in enumerate(rank(entries), start=1):
-        on_front = e.name in front
+    for e, shown in standings(entries, default):
+        on_front = e.name in fronts[default]
         link = e.data["link"]
         name = html.escape(e.name)
         entry_html = f'<a href="{html.escape(link)}" rel="nofollow noopener">{name}</a>' if link else name
         cells = [
-            _cell(str(position), position, numeric=True),
+            _cell(shown, placed[default][e.name][0], numeric=True),
             _cell("★" if on_front else "", 1 if on_front else 0, numeric=True, cls="front"),
             f'<td class="name" data-value="{name}">{entry_html}</td>',
             _cell(e.data["authors"], e.data["authors"]),
@@ -190,34 +232,51 @@ def render_html(protocol: str, entries: list[Entry]) -> str:
             leak = scores["leak_rate"] if scores else None
             cells.append(_cell(leak_text(leak, scores.get("targets")) if scores else "–", leak, numeric=True))
         cells.append(_cell(f"{e.epsilon:.3g}" if e.epsilon is not None else "–", e.epsilon, numeric=True))
-        cells.append(_cell("below accuracy floor" if e.below_floor else "", "below" if e.below_floor else ""))
-        classes = " ".join(c for c in ("pareto" if on_front else "", "below-floor" if e.below_floor else "") if c)
-        rows.append(f'<tr data-rank="{position}" data-name="{name}"'
+        flags = flag_text(e)
+        cells.append(_cell(flags, flags))
+        classes = " ".join(c for c in ("pareto" if on_front else "", "below-floor" if e.flagged else "") if c)
+        per_ranking = "".join(
+            f' data-order-{_slug(by)}="{placed[by][e.name][0]}" data-rank-{_slug(by)}="{html.escape(placed[by][e.name][1])}"'
+            f' data-pareto-{_slug(by)}="{int(e.name in fronts[by])}"' for by in RANKINGS)
+        rows.append(f'<tr data-name="{name}"{per_ranking}'
                     f'{f" class={chr(34)}{classes}{chr(34)}" if classes else ""}>{"".join(cells)}</tr>')
+
+    def leak_under(e: Entry, by: str) -> float | None:
+        leak = ranked_leak(e, by)
+        return None if leak is None else leak.leak_rate
 
     data = {
         "protocol": protocol,
         "accuracy_floor": common_floor(entries),  # null: entries differ, the plot draws no floor line
-        "entries": [{"name": e.name, "accuracy": e.accuracy, "worst_leak": e.worst_leak,
-                     "worst_attack": e.worst_attack, "pareto": e.name in front, "below_floor": e.below_floor}
-                    for e in rank(entries)],
+        "default_ranking": _slug(default),
+        "ranking_labels": {_slug(by): label for by, label in RANKING_LABELS.items()},
+        "ranking_rules": {_slug(by): ranking_rule(by) for by in RANKINGS},
+        "entries": [{"name": e.name, "accuracy": e.accuracy, "flagged": e.flagged,
+                     "leak": {_slug(by): leak_under(e, by) for by in RANKINGS},
+                     "pareto": {_slug(by): e.name in fronts[by] for by in RANKINGS}}
+                    for e in rank(entries, default)],
     }
+    options = "".join(f'<option value="{_slug(by)}"{" selected" if by == default else ""}>{html.escape(RANKING_LABELS[by])}'
+                      f'</option>' for by in RANKINGS)
     csp = (f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
            f"img-src 'none'; connect-src 'none'; form-action 'none'; base-uri 'none'")
     title = f"leakbench leaderboard: {protocol}"
     empty = "" if entries else '<p id="empty">No entries yet.</p>\n'
-    ranking = f"<p><strong>Ranking.</strong> {html.escape(RANKING_RULE)}</p>\n" if entries else ""
+    ranking = (f'<p><strong>Ranking.</strong> <span id="rule">{html.escape(ranking_rule(default))}</span></p>\n'
+               if entries else "")
+    summary = board_summary(protocol, entries, superseded_by=superseded_by).replace("`", "")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp)}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n"
-        f"<p>{html.escape(board_summary(protocol, entries).replace('`', ''))}</p>\n{ranking}{empty}"
+        f"<p>{html.escape(summary)}</p>\n{ranking}{empty}"
+        f'<p><label for="rank-by">Rank by the worst leak rate of </label><select id="rank-by">{options}</select></p>\n'
         f'<table id="board">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(rows) + "\n</tbody>\n</table>\n"
         '<p>Click a column header to sort by it; click again to reverse. Points: entries; orange: the Pareto '
-        'front; hollow: below the accuracy floor. Hover a point for its name.</p>\n'
-        f'<svg id="plot" viewBox="0 0 640 400" role="img" aria-label="accuracy against worst-case leak rate"></svg>\n'
+        'front; hollow: flagged (below the accuracy floor, or training diverged). Hover a point for its name.</p>\n'
+        f'<svg id="plot" viewBox="0 0 640 400" role="img" aria-label="accuracy against worst leak rate"></svg>\n'
         f'<script type="application/json" id="board-data">{_script_json(data)}</script>\n'
         f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
     )

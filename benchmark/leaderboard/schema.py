@@ -191,12 +191,31 @@ def validate_entry(data: Any, *, source: str, folder_protocol: str | None = None
     if worst["attack"] not in worst_attacks:
         c.fail("worst_case.attack", worst["attack"], " or ".join(json.dumps(a) for a in worst_attacks))
 
-    flags = c.keys("flags", data["flags"], ("below_accuracy_floor", "accuracy_floor"))
+    flags = c.keys("flags", data["flags"], ("below_accuracy_floor", "accuracy_floor"),
+                   ("training_diverged", "training"))
     floor = c.rate("flags.accuracy_floor", flags["accuracy_floor"])
     if flags["below_accuracy_floor"] is not (value < floor):
         c.fail("flags.below_accuracy_floor", flags["below_accuracy_floor"],
                f"{json.dumps(value < floor)}, since accuracy.value {value:g} "
                f"{'<' if value < floor else '>='} flags.accuracy_floor {floor:g}")
+    if ("training" in flags) != ("training_diverged" in flags):
+        raise ConfigError(f"{source}: flags.training and flags.training_diverged go together; allowed: both or neither")
+    if "training" in flags:
+        parts = flags["training"]
+        if not isinstance(parts, list) or not parts:
+            c.fail("flags.training", parts, "a non-empty list of the protocol's training parts")
+        for i, part in enumerate(parts):
+            key = f"flags.training[{i}]"
+            c.keys(key, part, ("part", "accuracy", "baseline", "floor", "diverged"), extra_ok=True)
+            acc, part_floor = c.rate(f"{key}.accuracy", part["accuracy"]), c.rate(f"{key}.floor", part["floor"])
+            c.rate(f"{key}.baseline", part["baseline"])
+            if part["diverged"] is not (acc < part_floor):
+                c.fail(f"{key}.diverged", part["diverged"], f"{json.dumps(acc < part_floor)}, since its accuracy "
+                                                           f"{acc:g} {'<' if acc < part_floor else '>='} its floor {part_floor:g}")
+        diverged = any(part["diverged"] for part in parts)
+        if flags["training_diverged"] is not diverged:
+            c.fail("flags.training_diverged", flags["training_diverged"],
+                   f"{json.dumps(diverged)}, whether any of flags.training diverged")
 
     if not isinstance(data["reported"], dict):
         c.fail("reported", data["reported"], "an object (free-form claims of the submitter; may be empty)")
@@ -258,6 +277,20 @@ class Entry:
     @property
     def below_floor(self) -> bool:
         return self.data["flags"]["below_accuracy_floor"]
+
+    @property
+    def training_diverged(self) -> bool:
+        return bool(self.data["flags"].get("training_diverged", False))
+
+    @property
+    def flagged(self) -> bool:
+        """Ranked after the others: below the accuracy floor, or a part of its training diverged (it
+        "defends" by not learning)."""
+        return self.below_floor or self.training_diverged
+
+    @property
+    def diverged_parts(self) -> list[str]:
+        return [p["part"] for p in self.data["flags"].get("training", []) if p["diverged"]]
 
     @property
     def epsilon(self) -> float | None:

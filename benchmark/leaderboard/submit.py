@@ -14,7 +14,7 @@ from .schema import DEFAULT_ROOT, check_name
 
 
 def submit(spec: str, *, name: str, authors: str = "anonymous", link: str | None = None,
-           params: dict | None = None, protocol: str = "v1-smoke", reported: dict | None = None,
+           params: dict | None = None, protocol: str = "v2-smoke", reported: dict | None = None,
            root: Path = DEFAULT_ROOT, replace: bool = False, limits: SandboxLimits | None = None,
            data_dir: str | None = None, device: str = "cpu", overrides: dict | None = None,
            progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:
@@ -22,7 +22,7 @@ def submit(spec: str, *, name: str, authors: str = "anonymous", link: str | None
     check_name(name)
     if link is not None and not re.match(r"https?://[^\s\"'<>]+\Z", link):
         raise ConfigError(f"--link {link!r} is invalid; allowed: an http(s) URL")
-    chosen = load_protocol(protocol)
+    chosen = load_protocol(protocol, for_submission=True)
     source = DefenseSource.parse(spec)
     path = entry_path(root, chosen.name, name)
     if path.exists() and not replace:
