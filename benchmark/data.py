@@ -131,8 +131,8 @@ def split_files_in(folder: Path, split: str) -> list[Path] | None:
         missing = sorted(set(range(max(counts))) - set(shards))
         if len(counts) > 1 or missing or max(shards) >= max(counts):
             raise ConfigError(f"{folder}: the shards of {split!r} are incomplete or mixed (found "
-                              f"{', '.join(sorted(p.name for p in shards.values()))}); allowed: all of "
-                              f"{split}-00000-of-NNNNN.parquet ... {split}-<NNNNN-1>-of-NNNNN.parquet")
+                              f"{', '.join(sorted(p.name for p in shards.values()))}); allowed: every shard "
+                              f"{split}-0000K-of-0000N.parquet, K = 0 .. N-1, of one N")
         return [shards[i] for i in sorted(shards)]
     converted = sorted((folder / split).glob("[0-9][0-9][0-9][0-9].parquet")) if (folder / split).is_dir() else []
     return converted or None
@@ -238,13 +238,14 @@ class Dataset(Component):
     def load_raw(self, split: str, data_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images as float ``(N, C, H, W)`` in [0, 1] and labels, before resizing and scaling: from the
         mirror when it holds the split, else from the public source (when it is reachable)."""
-        if self.source_files(split, data_dir) is None:
+        files = self.source_files(split, data_dir)
+        if files is None:
             self.check_remote(split, data_dir)
             return self.load_remote(split)
         if set(self.native_splits) >= set(SPLITS):
-            return self._read_mirror(self.source_files(split, data_dir))
-        # published as one split: both train and test come from it, never overlapping
-        return self.derived_split(split, lambda s: self._read_mirror(self.source_files(s, data_dir)))
+            return self._read_mirror(files)
+        # published as one split (``files`` hold it): train and test both come from it, never overlapping
+        return self.derived_split(split, lambda _published: self._read_mirror(files))
 
     def published_split(self, split: str) -> str:
         """The published split that ``split`` is read from (one-split datasets derive test from train)."""

@@ -158,7 +158,34 @@ def test_hub_code_path_reads_each_datasets_columns(monkeypatch, name, image_colu
     cls = DATASETS.get(name)
     assert (cls.hub_image_column, cls.hub_label_column) == (image_column, label_column)
     assert calls == [(cls.hub_id, cls.hub_config, "train")]
-    assert probed == [f"https://huggingface.co/api/datasets/{cls.hub_id}"]
+    import huggingface_hub.constants
+
+    assert probed == [f"{huggingface_hub.constants.ENDPOINT}/api/datasets/{cls.hub_id}"]
+
+
+def test_the_probe_tells_an_answering_server_from_none(monkeypatch):
+    """On this machine only: a server that answers (even with an error status) is reachable; a closed
+    port is not, and the probe says why at once."""
+    import http.server
+    import socket
+    import threading
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # straight to 127.0.0.1
+        monkeypatch.delenv(var, raising=False)
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert data_module.unreachable(f"http://127.0.0.1:{server.server_port}/api/datasets/x", timeout=2) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    started = time.perf_counter()
+    why = data_module.unreachable(f"http://127.0.0.1:{closed}/api/datasets/x", timeout=2)
+    assert why and why.startswith(f"cannot reach http://127.0.0.1:{closed}/") and time.perf_counter() - started < 2
 
 
 def test_an_unreachable_hub_is_one_line_not_a_download(monkeypatch, tmp_path):
