@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .catalog import load_all
-from .data import resolve_data_dir
+from .data import MIRROR_LAYOUTS, resolve_data_dir
 from .errors import ConfigError
 from .leaderboard.publish import render_boards
 from .leaderboard.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLimits
@@ -33,6 +33,8 @@ from .version import __version__
 from .yaml_config import safe_load_bounded
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+DATA_DIR_HELP = (f"local dataset mirror: {MIRROR_LAYOUTS}; splits it lacks come from the hub, checked before "
+                 f"any cell runs (default: $LEAKBENCH_DATA_DIR)").replace("%", "%%")
 DEFAULT_BOARD_PROTOCOL = "v2-smoke"
 SMOKE_PROTOCOL = "v2-smoke"  # --smoke: the current CPU-sized protocol
 
@@ -44,8 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default="quick", help="a shipped grid (quick, full, ...) or a YAML path [quick]")
-    p.add_argument("--data-dir", default=None,
-                   help="local dataset mirror: DIR/<name>/<split>.parquet (default: $LEAKBENCH_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("grid", help="a shipped grid name or a YAML path")
     val.add_argument("--no-data", action="store_true",
                      help="check the grid file only, not its data (sizes against the targets need the data)")
-    val.add_argument("--data-dir", default=None,
-                     help="local dataset mirror: DIR/<name>/<split>.parquet (default: $LEAKBENCH_DATA_DIR)")
+    val.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
 
     rep = sub.add_parser("report", help="re-render the tables and PNGs from DIR/results.jsonl")
     rep.add_argument("dir")

@@ -39,6 +39,16 @@ def att_faces_dir() -> str:
     return mirror_dir("att-faces")
 
 
+@pytest.fixture
+def cifar100_dir() -> str:
+    return mirror_dir("cifar100")
+
+
+@pytest.fixture
+def lfw_dir() -> str:
+    return mirror_dir("lfw")
+
+
 @pytest.fixture(scope="session")
 def gan_digits():
     """The embedded digits as the GAN tests use them (32x32 in [-1, 1]): the participants' pool, the

@@ -121,7 +121,7 @@ def test_a_bad_environment_is_one_line_and_writes_nothing(case, tmp_path, capsys
 
 @pytest.mark.parametrize("kind, message", [
     ("not-parquet", r"test.parquet: not a parquet file"),
-    ("no-columns", r"test.parquet: no 'image' column \(columns found: pixels, target\)"),
+    ("no-columns", r"test.parquet: columns found: pixels, target; expected 'image' and 'label' \(dataset 'mnist'\)"),
     ("not-an-image", r"test.parquet: the 'image' and 'label' columns do not hold images .*\(row 0\)"),
 ])
 @pytest.mark.parametrize("command", ["validate", "run"])

@@ -50,11 +50,11 @@ class RunContext(CellContext):
         again). Embedded data is cheap, and hub downloads are cached by HF ``datasets`` itself."""
         dataset = DATASETS.build(spec.name, spec.params)
         data_dir = resolve_data_dir(self.data_dir)
-        mirror = data_dir / dataset.registry_name if data_dir is not None else None
-        if mirror is None or not mirror.is_dir() or not self.disk_cache:
+        files = dataset.source_files(split, data_dir)
+        if files is None or not self.disk_cache:
             return dataset.load(split, data_dir=self.data_dir)  # its errors name what is missing
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in mirror.glob("*.parquet"))
-        key_obj = {"dataset": spec.as_dict(), "split": split, "mirror": str(mirror.resolve()), "files": files}
+        key_obj = {"dataset": spec.as_dict(), "split": split, "mirror": str(data_dir.resolve()),
+                   "files": [(str(p.relative_to(data_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
         def from_bytes(pixels: torch.Tensor, scale: str) -> torch.Tensor:  # the loader's own arithmetic
             unit = pixels.float() / 255.0
