@@ -8,7 +8,6 @@ import argparse
 import fnmatch
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,12 +22,13 @@ from .leaderboard.publish import render_boards
 from .leaderboard.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLimits
 from .leaderboard.submit import submit
 from .leaderboard.verify import verify_entries
+from .paper.session import listing, run_experiments
+from .paper.session import report as paper_report
 from .registry import LISTED
-from .run.executors import available_cores, default_workers, make_executor
+from .run.execute import ExecuteOptions, execute
 from .run.grid import builtin_grids, load_grid
 from .run.report import render
 from .run.runner import Runner, RunOptions
-from .storage import check_writable
 from .version import __version__
 from .yaml_config import safe_load_bounded
 
@@ -49,6 +49,21 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
 
 
+def _add_execution_args(p: argparse.ArgumentParser, *, force: str) -> None:
+    """How a grid runs (``run`` and ``paper run``): device, threads, workers, executor."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per worker (default: torch's when serial, else cores / workers)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="cells run in parallel (default: one worker per core, at most one per job; "
+                        "1 runs them serially in this process)")
+    p.add_argument("--executor", default="local", help="local (a process pool on this machine) or ray [local]")
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster, e.g. HOST:6379 (default: start a local Ray instance)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help=force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="leakbench", description="Gradient-leakage attacks against defenses: "
                      "accuracy-vs-defendability tables.")
@@ -58,19 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a grid and print the accuracy-vs-defendability table")
     _add_common_run_args(run)
     run.add_argument("--out", default="leakbench-out", help="output folder (results.jsonl, tables, PNGs)")
-    run.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     run.add_argument("--seed", type=int, default=None, help="run only this seed instead of the grid's seeds")
-    run.add_argument("--threads", type=int, default=None,
-                     help="torch intra-op threads per worker (default: torch's when serial, else cores / workers)")
-    run.add_argument("--workers", type=int, default=None,
-                     help="cells run in parallel (default: one worker per core, at most one per job; "
-                          "1 runs them serially in this process)")
-    run.add_argument("--executor", default="local", help="local (a process pool on this machine) or ray [local]")
-    run.add_argument("--ray-address", default=None,
-                     help="a running Ray cluster, e.g. HOST:6379 (default: start a local Ray instance)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--force", action="store_true",
-                     help="--out holds another grid's results: remove them (the cache stays) and start afresh")
+    _add_execution_args(run, force="--out holds another grid's results: remove them (the cache stays) and start afresh")
+
+    paper = sub.add_parser("paper", help="regenerate the papers' tables and figures, the paper's numbers beside ours",
+                           usage="leakbench paper list | run NAME... [--scale cpu|paper] [--out DIR] | report DIR")
+    paper.add_argument("words", nargs="+", metavar="list | run NAME... | report DIR",
+                       help="list: every experiment with its source and settings per scale; run NAME... (or "
+                            "all): run them through the grid runner and write DIR/<name>/paper.md .csv .tex; "
+                            "report DIR: re-render from DIR's results")
+    paper.add_argument("--scale", default="cpu", help="cpu (reduced, 2 cores; its reductions are stated) or "
+                                                       "paper (the paper's setting, for a GPU) [cpu]")
+    paper.add_argument("--out", default="leakbench-paper", help="output folder, one subfolder per experiment")
+    paper.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    _add_execution_args(paper, force="an experiment's folder holds another grid's results: start it afresh")
 
     val = sub.add_parser("validate", help="check a grid without running it")
     val.add_argument("grid", help="a shipped grid name or a YAML path")
@@ -160,28 +176,10 @@ def cmd_run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
         torch.set_num_threads(args.threads)
-    given_workers = 1 if args.workers is None else args.workers
-    make_executor(args.executor, given_workers, args.threads, args.ray_address)  # bad options: fail now
-    data_dir = _data_dir(args.data_dir)
+    execute(grid, ExecuteOptions(out=Path(args.out), data_dir=_data_dir(args.data_dir), device=device,
+                                 workers=args.workers, threads=args.threads, executor=args.executor,
+                                 ray_address=args.ray_address, force=args.force, progress=not args.no_progress))
     out = Path(args.out)
-    check_writable(out, what="--out")
-    runner = Runner(grid, RunOptions(out_dir=out, data_dir=data_dir, device=device,
-                                     progress=not args.no_progress))
-    runner.claim_folder(force=args.force)
-    fresh = not out.exists()
-    try:  # a missing dataset or too many targets is bad input: fail before the first cell runs
-        runner.preflight()
-    except BaseException:
-        if fresh:  # leave nothing behind (decoded-data cache, lock files)
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    # workers follow the jobs that will run (a program of many cells is one job), so a lone program gets
-    # the calling process and every core; a pool splits the cores between its workers
-    workers = args.workers if args.workers is not None else default_workers(len(runner.jobs(runner.pending())),
-                                                                             available_cores())
-    executor = make_executor(args.executor, workers, args.threads, args.ray_address)
-    with executor:
-        runner.run(executor)
     print(render(out))
     print(f"results: {out / 'results.jsonl'}; tables: {out / 'table.md'} .csv .tex; images: {out}/reconstructions_*.png")
     return EXIT_OK
@@ -211,6 +209,31 @@ def cmd_report(args) -> int:
         raise ConfigError(f"{str(path / 'results.jsonl')!r} does not exist; allowed: a folder written by `leakbench run`")
     print(render(path, images=not args.no_images))
     return EXIT_OK
+
+
+def cmd_paper(args) -> int:
+    action, names = args.words[0], args.words[1:]
+    if action == "list" and not names:
+        print(listing())
+        return EXIT_OK
+    if action == "report" and len(names) == 1:
+        print("\n\n".join(paper_report(Path(names[0]))))
+        return EXIT_OK
+    if action == "run" and names:
+        device = _device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
+            torch.set_num_threads(args.threads)
+        folders = run_experiments(names, scale=args.scale, options=ExecuteOptions(
+            out=Path(args.out), data_dir=_data_dir(args.data_dir), device=device, workers=args.workers,
+            threads=args.threads, executor=args.executor, ray_address=args.ray_address, force=args.force,
+            progress=not args.no_progress))
+        for folder in folders:
+            print((folder / "paper.md").read_text())
+        print("paper tables: " + ", ".join(f"{f}/paper.md .csv .tex" for f in folders))
+        return EXIT_OK
+    raise ConfigError(f"paper {' '.join(args.words)!r} is invalid; allowed: list, run NAME... (or all), report DIR")
 
 
 def cmd_list(args) -> int:
@@ -299,7 +322,7 @@ def cmd_submit(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "list": cmd_list,
-            "leaderboard": cmd_leaderboard, "submit": cmd_submit}
+            "leaderboard": cmd_leaderboard, "submit": cmd_submit, "paper": cmd_paper}
 
 
 def main(argv: list[str] | None = None) -> int:

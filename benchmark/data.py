@@ -77,6 +77,12 @@ class ImageData:
         index = torch.arange(size) if generator is None else torch.randperm(len(self), generator=generator)[:size]
         return self.subset(index)
 
+    def held_out(self, fraction: float, *, seed: int = 0) -> tuple["ImageData", "ImageData"]:
+        """(the rest, a held-out ``fraction``): disjoint, drawn by a seeded permutation."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        cut = len(self) - max(1, round(fraction * len(self)))
+        return self.subset(order[:cut]), self.subset(order[cut:])
+
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in this data's scale to [0, 1] (metrics are computed on [0, 1])."""
         return (x + 1) / 2 if self.scale == "[-1,1]" else x

@@ -26,6 +26,9 @@ class TrainingConfig:
     train_size: int | None = None  # cap on training samples (None: all)
     test_size: int | None = None   # cap on test samples (None: all)
     model_params: dict = field(default_factory=dict)  # overrides of the grid model's parameters
+    # test on this fraction of the train split, held out from training, instead of the test split: for a
+    # mirror that has no test split (the shared CIFAR-100 holds 486 training images and no test split)
+    holdout_fraction: float | None = None
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "TrainingConfig":
@@ -33,6 +36,7 @@ class TrainingConfig:
             Param("epochs", int, low=0), Param("batch_size", int, low=1),
             Param("lr", float, low=0.0), Param("momentum", float, low=0.0),
             Param("train_size", int, low=1, nullable=True), Param("test_size", int, low=1, nullable=True),
+            Param("holdout_fraction", float, low=0.01, high=0.9, nullable=True),
         ), also=("optimizer", "model_params"))
         out = cls(**checked)
         if out.optimizer not in ("sgd", "adam"):
@@ -42,7 +46,14 @@ class TrainingConfig:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["holdout_fraction"] is None:  # absent when unused, so existing cache keys and records stay
+            del out["holdout_fraction"]
+        return out
+
+    def splits(self) -> tuple[str, ...]:
+        """The dataset splits the accuracy run reads."""
+        return ("train",) if self.holdout_fraction else ("train", "test")
 
 
 def evaluate(model: torch.nn.Module, data: ImageData, batch_size: int = 512) -> float:

@@ -307,7 +307,7 @@ def test_workers_follow_the_jobs_not_the_cells(tmp_path, monkeypatch):
         chosen.append(workers)
         return real(name, workers, threads, ray_address)
 
-    monkeypatch.setattr("leakbench.cli.make_executor", spy)
+    monkeypatch.setattr("leakbench.run.execute.make_executor", spy)
     import yaml
 
     path = tmp_path / "sweep.yaml"

@@ -57,3 +57,35 @@ def test_figures_carry_the_tables_verdict_one_file_per_attack_dataset_and_model(
     render(tmp_path, images=True)
     assert sorted(p.name for p in tmp_path.glob("reconstructions_*.png")) == [
         "reconstructions_dlg_digits_m1.png", "reconstructions_dlg_digits_m2.png"]
+
+
+def test_tradeoff_plot_per_dataset_and_model_places_each_setting(tmp_path):
+    """`run` and `paper` draw accuracy against leak rate per (dataset, model): one point per defense
+    setting and attack, a line per family, the undefended point as a star."""
+    import matplotlib.pyplot as plt
+
+    from leakbench.run import figures
+    from leakbench.run.report import summary_frame
+
+    records = [record("dlg", "none", "baseline", 1.0, accuracy=0.95),
+               record("dlg", "noise 1e-3", "noise", 0.75, accuracy=0.9),
+               record("dlg", "noise 1e-2", "noise", 0.0, accuracy=0.6),
+               record("dlg", "prune 0.5", "sparsification", 0.5, accuracy=0.94)]
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, path, *args, **kwargs):  # what each panel plots, read back from the figure
+        ax = fig.axes[0]
+        drawn["lines"] = {line.get_label(): list(zip(*line.get_data())) for line in ax.get_lines()}
+        drawn["star"] = [tuple(o) for c in ax.collections for o in c.get_offsets()]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    plt.Figure.savefig = capture
+    try:
+        paths = figures.tradeoff_plots(tmp_path, summary_frame(records))
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert [p.name for p in paths] == ["tradeoff_digits_lenet-zhu.png"] and paths[0].stat().st_size > 0
+    assert drawn["lines"]["noise"] == [(75.0, 90.0), (0.0, 60.0)]
+    assert drawn["lines"]["sparsification"] == [(50.0, 94.0)]
+    assert drawn["star"] == [(100.0, 95.0)]

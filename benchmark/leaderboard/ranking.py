@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scipy.stats import binomtest
-
 from ..cells.base import CLASS_REPRESENTATIVES, RECORD_RECONSTRUCTION, kind_of_attack
 from ..registry import ATTACKS, CELL_KINDS
+from ..scoring.intervals import leak_interval
 from .schema import Entry
 
 # the harms a board reports apart (the kinds of cell state theirs), in the order of its columns
@@ -41,15 +40,6 @@ RANKING_RULE = ranking_rule()
 def percent(v: float | None) -> str:
     """A rate as shown on a board: one decimal, "–" when absent."""
     return "–" if v is None else f"{100 * v:.1f}%"
-
-
-def leak_interval(leak_rate: float, targets: int) -> tuple[float, float]:
-    """The Wilson 95% interval of a leak rate measured on ``targets`` targets (scipy's binomtest)."""
-    if targets < 1:
-        return 0.0, 1.0
-    hits = round(leak_rate * targets)
-    ci = binomtest(hits, targets).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def leak_text(leak_rate: float | None, targets: int | None) -> str:

@@ -94,7 +94,8 @@ class RunContext(CellContext):
     def train_for_accuracy(self, cell: Cell, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """``model``: a fresh model from :meth:`accuracy_model` to train (and leave trained); default a new one."""
         train = self.dataset(cell.dataset, "train")
-        test = self.dataset(cell.dataset, "test")
+        fraction = cell.grid.accuracy.holdout_fraction
+        train, test = train.held_out(fraction) if fraction else (train, self.dataset(cell.dataset, "test"))
         defense = DEFENSES.build(cell.defense.name, cell.defense.params)
         seed = derive_seed("accuracy", cell.seed)
         model = model if model is not None else self.accuracy_model(cell)

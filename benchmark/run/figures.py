@@ -96,3 +96,39 @@ def _draw_grid(panels: list[tuple[str, np.ndarray]], *, title: str, path: Path) 
                 ax.imshow(np.transpose(img, (1, 2, 0)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def tradeoff_plots(out: Path, summary) -> list[Path]:
+    """One PNG per (dataset, model), ``tradeoff_<dataset>_<model>.png``: accuracy against leak rate, a panel
+    per attack, one point per defense setting, a line per defense family (settings in the grid's order,
+    e.g. noise from weak to strong), the undefended point marked with a star: the picture DLG's Fig. 7
+    and Table 3 describe together."""
+    written = []
+    summary = summary[summary["accuracy"].notna()]
+    for (dataset, model), block in summary.groupby(["dataset", "model"], sort=False, observed=True):
+        attacks = list(dict.fromkeys(block["attack"]))
+        if not attacks:
+            continue
+        fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.4), squeeze=False, dpi=110)
+        for ax, attack in zip(axes[0], attacks):
+            rows = block[block["attack"] == attack]
+            for family, points in rows.groupby("family", sort=False, observed=True):
+                x, y = 100 * points["leak_rate"].to_numpy(float), 100 * points["accuracy"].to_numpy(float)
+                if family == "baseline":
+                    ax.scatter(x, y, marker="*", s=160, color="black", zorder=3, label="none")
+                else:
+                    ax.plot(x, y, marker="o", markersize=4, linewidth=1, label=str(family))
+            ax.set_title(str(attack), fontsize=9)
+            ax.set_xlabel("leak rate (%)", fontsize=8)
+            ax.set_xlim(-5, 105)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        axes[0][0].set_ylabel("accuracy (%)", fontsize=8)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.suptitle(f"accuracy vs leak rate: {dataset} / {model}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"tradeoff_{dataset}_{model}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

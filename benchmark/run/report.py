@@ -14,7 +14,7 @@ from ..cells.base import TableColumn
 from ..errors import ConfigError
 from ..registry import CELL_KINDS
 from ..storage import atomic_write_text
-from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples
+from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples, tradeoff_plots
 from .results import ResultsStore, missing_field
 
 
@@ -190,6 +190,7 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     summary.to_csv(out / "summary.csv", index=False)
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
-        for stale in set(out.glob("reconstructions_*.png")) - written:  # figures of an earlier rendering
-            stale.unlink()
+        written |= set(tradeoff_plots(out, summary))
+        for stale in (set(out.glob("reconstructions_*.png")) | set(out.glob("tradeoff_*.png"))) - written:
+            stale.unlink()  # figures of an earlier rendering
     return md + "\n" + legend

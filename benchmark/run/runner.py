@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import cells as _cells  # noqa: F401  (registers the built-in kinds of cell)
 from ..cells.base import CellKind
-from ..data import SPLITS, resolve_data_dir
+from ..data import resolve_data_dir
 from ..errors import ConfigError
 from ..registry import DATASETS
 from ..storage import atomic_write_text
@@ -126,14 +126,14 @@ class Runner:
         (a missing or damaged dataset is bad input), and each kind of cell checks its cells against the
         data (e.g. enough samples for the targets). Raises a one-line ConfigError."""
         cells = self.grid.cells()
-        # first, cheaply, every split any cell reads (its targets' split, and train and test for the
-        # accuracy run every kind of cell joins) is in the mirror or can be downloaded: a missing dataset
+        # first, cheaply, every split any cell reads (its targets' split, and the accuracy run's, which
+        # every kind of cell joins: train and test, or train alone with a held-out fraction) is in the mirror or can be downloaded: a missing dataset
         # or an unreachable hub is named at once, before any split is decoded
         data_dir = resolve_data_dir(self.context.data_dir)
         for grid in self.grid.all_grids():
             for spec in grid.datasets:
                 dataset = DATASETS.build(spec.name, spec.params)
-                for split in dict.fromkeys((grid.split, *SPLITS)):
+                for split in dict.fromkeys((grid.split, *grid.accuracy.splits())):
                     dataset.check_available(split, data_dir)
         for grid in self.grid.all_grids():
             for dataset in grid.datasets:

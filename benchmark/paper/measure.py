@@ -1,0 +1,145 @@
+"""Our side of a paper comparison: the records a row names, our value with its 95% interval, and whether
+it agrees with the paper's by the row's rule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..scoring.intervals import leak_interval
+from .experiment import Comparison, Experiment, Ours, Trend
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass
+class Row:
+    setting: str
+    quantity: str
+    paper: Any
+    ours: Any                 # a number, a verdict (bool), or None when no record matched
+    low: float | None
+    high: float | None
+    agrees: bool | None       # None: nothing measured
+    rule: str
+    note: str
+    records: int
+    source: str | None
+
+
+def field_of(record: dict, path: str) -> Any:
+    """A dotted path into a record (``defense_params.variance``); None when absent."""
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-15)
+    return a == b
+
+
+def matching(records: list[dict], where: dict) -> list[dict]:
+    return [r for r in records if all(_same(field_of(r, k), v) for k, v in where.items())]
+
+
+def _bootstrap(values: np.ndarray, stat: str) -> tuple[float, float]:
+    """A percentile bootstrap 95% interval of the median or mean (scipy's ``bootstrap`` would do the
+    same; this keeps the resampling seeded and cheap for lists of a few dozen values)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(0)
+    draws = rng.choice(values, size=(BOOTSTRAP_RESAMPLES, len(values)), replace=True)
+    stats = np.median(draws, axis=1) if stat == "median" else draws.mean(axis=1)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
+              ) -> tuple[Any, float | None, float | None, str]:
+    """(value, low, high, a note on what was measured) from the matching records."""
+    record = found[0]
+    if ours.value == "verdict":
+        verdict = record.get("verdict") or {}
+        leak = field_of(record, "metrics.leak_rate")
+        psnr = field_of(record, "metrics.psnr_median")
+        seen = f"leak rate {100 * leak:.0f}%" if leak is not None else "no leak rate"
+        if psnr is not None:
+            seen += f", PSNR {psnr:.1f} dB"
+        return verdict.get("defended"), None, None, seen
+    if ours.per_sample:
+        values = np.asarray([v for r in found for v in (field_of(r, f"per_sample.{ours.per_sample}") or [])
+                             if v is not None and math.isfinite(v)], dtype=float)
+        if not len(values):
+            return None, None, None, f"no per-sample {ours.per_sample}"
+        value = float(np.median(values) if ours.stat == "median" else values.mean())
+        low, high = _bootstrap(values, ours.stat)
+        note = f"{ours.stat} of {len(values)} samples"
+    else:
+        raw = field_of(record, ours.value)
+        if raw is None:
+            return None, None, None, f"records have no {ours.value}"
+        value, low, high = float(raw), None, None
+        note = ""
+        if ours.interval == "wilson":
+            samples = len(field_of(record, "per_sample.ssim") or []) or int(record.get("targets") or 0)
+            low, high = leak_interval(value, samples)
+            note = f"rate over {samples} samples"
+    if ours.relative_to is not None:
+        if not baseline:
+            return None, None, None, f"no record matches relative_to {ours.relative_to}"
+        base = field_of(baseline[0], ours.value or "")
+        if not base:
+            return None, None, None, "the baseline value is zero or absent"
+        value, low, high = value / base, (low / base if low is not None else None), \
+            (high / base if high is not None else None)
+    scale = ours.scale
+    return (value * scale, low * scale if low is not None else None, high * scale if high is not None else None,
+            note)
+
+
+def measure(comparison: Comparison, records: list[dict]) -> Row:
+    found = matching(records, comparison.where)
+    rule_text = comparison.rule.describe()
+    if not found:
+        return Row(comparison.setting, comparison.quantity, comparison.paper, None, None, None, None, rule_text,
+                   f"no record matches {comparison.where}", 0, comparison.source)
+    baseline = matching(records, comparison.ours.relative_to) if comparison.ours.relative_to else None
+    value, low, high, seen = our_value(comparison.ours, found, baseline)
+    agrees = None if value is None else bool(comparison.rule.agrees(value, comparison.paper))
+    note = seen
+    if agrees is False:
+        note = "; ".join(x for x in (seen, comparison.why_it_may_differ) if x)
+    return Row(comparison.setting, comparison.quantity, comparison.paper, value, low, high, agrees, rule_text,
+               note, len(found), comparison.source)
+
+
+def check_trend(trend: Trend, rows: list[Row]) -> tuple[bool | None, bool | None, str]:
+    """(the paper's values follow the order, ours do, a sentence) over the rows of ``trend.quantity``."""
+    chosen = [r for r in rows if r.quantity == trend.quantity]
+
+    def ordered(values: list[Any]) -> bool | None:
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) != len(values) or len(numbers) < 2:
+            return None
+        pairs = list(zip(numbers, numbers[1:]))
+        return all(b > a for a, b in pairs) if trend.order == "increasing" else all(b < a for a, b in pairs)
+
+    paper, ours = ordered([r.paper for r in chosen]), ordered([r.ours for r in chosen])
+    shown = ", ".join("–" if r.ours is None else f"{r.ours:.4g}" for r in chosen)
+    sentence = (f"{trend.claim} Paper: {', '.join(str(r.paper) for r in chosen)}; ours: {shown} "
+                f"({'' if ours else 'not '}{trend.order} over {', '.join(r.setting for r in chosen)}).")
+    return paper, ours, sentence
+
+
+def measure_experiment(experiment: Experiment, records: list[dict]) -> tuple[list[Row], list[tuple]]:
+    rows = [measure(c, records) for c in experiment.comparisons]
+    trends = [(t, *check_trend(t, rows)) for t in experiment.trends]
+    return rows, trends
