@@ -9,8 +9,12 @@ straight-through estimator; noise, and a submitted defense that does not opt in,
 No defense is recognised by its name.
 
 The generic part, for every defense: ``restarts`` dummy initialisations times a small sweep of L-BFGS step
-sizes, keeping the run with the lowest final gradient distance. That distance is what the attacker sees;
-the choice never looks at the private data.
+sizes, plus one run on the cosine distance (Geiping et al. 2020's scale-invariant objective), keeping the
+run whose final dummy update is closest in cosine distance to the shared one. That distance is what the
+attacker sees; the choice never looks at the private data. Where a defense's transform is not
+differentiable the replayed map passes gradients straight through (BPDA, Athalye et al. 2018); where it is
+random the replay averages fresh draws (EOT); both break the gradient-obfuscation defenses of the kind
+Balunovic et al. 2022 and Wu et al. 2023 ("Learning to invert") attacked.
 """
 from __future__ import annotations
 
@@ -30,11 +34,19 @@ from .gradient_matching import LBFGSRun, run_steps
 
 
 def matched_distance(model: torch.nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
-                     target: list[torch.Tensor], space: AttackerMap) -> torch.Tensor:
-    """DLG's eq. 4 after mapping the dummy gradient into the defense's output space."""
+                     target: list[torch.Tensor], space: AttackerMap, *, cosine: bool = False,
+                     create_graph: bool = True) -> torch.Tensor:
+    """DLG's eq. 4 after mapping the dummy gradient into the defense's output space; with ``cosine``,
+    1 - the cosine similarity of the two whole updates instead (Geiping et al. 2020's scale-invariant
+    distance: a defense that rescales the update, by a known or unknown factor, cannot hide behind it)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(soft_cross_entropy(model(dummy_x), soft_labels), params, create_graph=True)
-    return sum(((g - t) ** 2).sum() for g, t in zip(space.apply(list(grads)), target))
+    grads = torch.autograd.grad(soft_cross_entropy(model(dummy_x), soft_labels), params, create_graph=create_graph)
+    mapped = space.apply(list(grads))
+    if not cosine:
+        return sum(((g - t) ** 2).sum() for g, t in zip(mapped, target))
+    dot = sum((g * t).sum() for g, t in zip(mapped, target))
+    norms = torch.sqrt(sum((g ** 2).sum() for g in mapped)) * torch.sqrt(sum((t ** 2).sum() for t in target))
+    return 1 - dot / norms.clamp_min(1e-30)
 
 
 class _Adaptive(Attack):
@@ -49,6 +61,9 @@ class _Adaptive(Attack):
         Param("max_iter", int, 20, "objective evaluations per L-BFGS step at most", low=1),
         Param("history_size", int, 100, "L-BFGS history", low=1),
         Param("stop_distance", float, 0.0, "stop a run once its gradient distance falls below this", low=0.0),
+        Param("cosine_restart", bool, True,
+              "one more run that minimises the cosine distance (scale-invariant, as Inverting Gradients) "
+              "at the first step size"),
     )
 
     def __init__(self, **kwargs) -> None:
@@ -71,40 +86,47 @@ class _Adaptive(Attack):
         fixed_labels = self._labels(task)
         best: dict | None = None
         total_evals, total_steps = 0, 0
-        for restart in range(self.restarts):
-            for lr in self.lr_sweep:
-                # the same dummy for every step size of one restart, a new one per restart
-                g = torch.Generator().manual_seed((task.seed * 1_000_003 + restart) % 2**31)
-                x, logits = dummy_inputs(task, g)
-                x.requires_grad_(True)
-                if fixed_labels is None:
-                    logits.requires_grad_(True)
-                    variables = [x, logits]
-                    labels_now = lambda: logits.detach().argmax(-1)  # noqa: E731
-                    soft = lambda: F.softmax(logits, -1)  # noqa: E731
-                else:
-                    onehot = F.one_hot(fixed_labels.to(x.device), task.num_classes).float()
-                    variables = [x]
-                    labels_now = lambda: fixed_labels  # noqa: E731
-                    soft = lambda: onehot  # noqa: E731
-                run = LBFGSRun(variables, lambda: matched_distance(model, x, soft(), target, space),
-                               lr=lr, max_iter=self.max_iter, history_size=self.history_size)
-                steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels_now()), None,
-                                  self.stop_distance)
-                total_evals += run.closure_evals
-                total_steps += steps
-                distance = run.distance if math.isfinite(run.distance) else math.inf
-                # attacker-visible choice: the lowest final gradient distance, never the private data
-                if best is None or distance < best["distance"]:
-                    best = {"distance": distance, "images": x.detach().clone(), "labels": labels_now(),
-                            "diverged": run.diverged, "restart": restart, "lr": lr}
+        runs = [(restart, lr, False) for restart in range(self.restarts) for lr in self.lr_sweep]
+        if self.cosine_restart:
+            runs.append((self.restarts, self.lr_sweep[0], True))
+        for restart, lr, cosine in runs:
+            # the same dummy for every step size of one restart, a new one per restart
+            g = torch.Generator().manual_seed((task.seed * 1_000_003 + restart) % 2**31)
+            x, logits = dummy_inputs(task, g)
+            x.requires_grad_(True)
+            if fixed_labels is None:
+                logits.requires_grad_(True)
+                variables = [x, logits]
+                labels_now = lambda: logits.detach().argmax(-1)  # noqa: E731
+                soft = lambda: F.softmax(logits, -1)  # noqa: E731
+            else:
+                onehot = F.one_hot(fixed_labels.to(x.device), task.num_classes).float()
+                variables = [x]
+                labels_now = lambda: fixed_labels  # noqa: E731
+                soft = lambda: onehot  # noqa: E731
+            run = LBFGSRun(variables, lambda: matched_distance(model, x, soft(), target, space, cosine=cosine),
+                           lr=lr, max_iter=self.max_iter, history_size=self.history_size)
+            steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels_now()), None,
+                              self.stop_distance)
+            total_evals += run.closure_evals
+            total_steps += steps
+            # attacker-visible choice between runs: the cosine distance of each run's final dummy update
+            # (comparable across the two objectives and scale-invariant), never the private data
+            with torch.enable_grad():
+                final = float(matched_distance(model, x.detach(), soft().detach(), target, space, cosine=True,
+                                               create_graph=False)) if not run.diverged else math.inf
+            distance = final if math.isfinite(final) else math.inf
+            if best is None or distance < best["distance"]:
+                best = {"distance": distance, "images": x.detach().clone(), "labels": labels_now(),
+                        "diverged": run.diverged, "restart": restart, "lr": lr, "objective":
+                        "cosine" if cosine else "l2"}
         assert best is not None
         if monitor is not None:
             monitor(total_steps, best["images"], best["labels"])
         return Reconstruction(best["images"], best["labels"], total_steps, total_evals, best["distance"],
                               best["diverged"], self.label_method,
                               extra={"adapted_to": space.name, "chosen_restart": best["restart"],
-                                     "chosen_lr": best["lr"]})
+                                     "chosen_lr": best["lr"], "chosen_objective": best["objective"]})
 
 
 @register_attack("dlg-adaptive")

@@ -186,12 +186,31 @@ def test_adaptive_attack_keeps_the_run_with_the_lowest_gradient_distance(digits8
     single runs (restart 0 at each step size is the same dummy as a one-restart search)."""
     task, _ = pruned_task(digits8, ratio=0.0)
     task.attacker_map = None  # as for `none`: nothing to adapt to
-    rec = ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 2, "lr_sweep": [1.0, 0.1]}).run([task])[0]
-    singles = [ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 1, "lr_sweep": [lr]}).run([task])[0]
+    rec = ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 2, "lr_sweep": [1.0, 0.1],
+                                         "cosine_restart": False}).run([task])[0]
+    singles = [ATTACKS.build("dlg-adaptive", {"steps": 3, "restarts": 1, "lr_sweep": [lr],
+                                              "cosine_restart": False}).run([task])[0]
                for lr in (1.0, 0.1)]
     assert rec.grad_distance <= min(s.grad_distance for s in singles)
     assert rec.extra["chosen_lr"] in (1.0, 0.1) and rec.extra["chosen_restart"] in (0, 1)
     assert rec.closure_evals >= sum(s.closure_evals for s in singles)  # it paid for all four runs
+
+
+def test_the_cosine_restart_recovers_a_rescaled_update_the_l2_runs_cannot(digits8):
+    """A defense that multiplies the update by 1000 and says nothing of it (the identity map): the L2
+    objective chases a gradient a thousand times too large; the cosine run (Geiping et al. 2020) does not
+    see the scale, recovers the image, and the attacker-visible choice picks it."""
+    task, x = pruned_task(digits8, ratio=0.0)
+    task.shared = [1000.0 * t for t in task.shared]
+    task.attacker_map = None
+    params = {"steps": 30, "restarts": 1, "lr_sweep": [1.0]}
+    scores = {}
+    for cosine in (False, True):
+        rec = ATTACKS.build("idlg-adaptive", {**params, "cosine_restart": cosine}).run([task])[0]
+        scores[cosine] = score_reconstruction(rec.images.clamp(0, 1), x, None, None, metrics=("ssim",))["ssim"][0]
+        if cosine:
+            assert rec.extra["chosen_objective"] == "cosine"
+    assert scores[True] > 0.9 and scores[False] < 0.5, scores
 
 
 def test_verify_passes_on_an_honest_entry_and_fails_on_a_tampered_one(tmp_path, capsys):
