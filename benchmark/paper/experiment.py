@@ -21,7 +21,8 @@ from .agreement import AgreementRule, build_rule, paper_kind
 
 SCALES = ("cpu", "paper")
 EXPERIMENT_KEYS = ("name", "paper", "title", "source", "claim", "scales", "comparisons", "trends", "figures",
-                   "notes")
+                   "notes", "calibration")
+CALIBRATION_KEYS = ("metric", "max_leak_rate", "fit_on", "shipped_threshold")
 COMPARISON_KEYS = ("setting", "quantity", "where", "paper", "source", "ours", "rule", "why_it_may_differ")
 OURS_KEYS = ("value", "per_sample", "stat", "scale", "relative_to", "interval", "unit")
 STATS = ("median", "mean")
@@ -67,6 +68,17 @@ class Trend:
     claim: str
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Fit the verdict's per-sample threshold on some of the paper's verdict rows (``on``: their setting
+    names, ``fit_on`` in the file) and report its agreement on the others, beside the shipped threshold's: a rule is judged on
+    rows it was not fitted to."""
+    metric: str
+    max_leak_rate: float
+    on: tuple[str, ...]
+    shipped_threshold: float
+
+
 @dataclass
 class Experiment:
     name: str
@@ -80,6 +92,7 @@ class Experiment:
     figures: str = ""
     notes: str = ""
     path: str = ""
+    calibration: Calibration | None = None
 
     def grid(self, scale: str) -> Grid:
         """The experiment's grid at ``scale``, validated (a one-line ConfigError otherwise)."""
@@ -197,7 +210,19 @@ def parse_experiment(raw: Any, *, source: str) -> Experiment:
         if not any(c.quantity == spec["quantity"] for c in comparisons):
             raise ConfigError(f"{where}: quantity {spec['quantity']!r} has no comparisons")
         trends.append(Trend(spec["quantity"], spec["order"], _text(spec, "claim", where=where)))
-    return Experiment(name=_text(raw, "name", where=source), paper=_text(raw, "paper", where=source),
+    calibration = None
+    if raw.get("calibration") is not None:
+        where = f"{source}: calibration"
+        spec = _keys(raw["calibration"], CALIBRATION_KEYS, where=where, required=CALIBRATION_KEYS)
+        verdict_rows = {c.setting for c in comparisons if c.ours.value == "verdict"}
+        on = spec["fit_on"]
+        if not isinstance(on, list) or not on or any(name not in verdict_rows for name in on) \
+                or set(on) == verdict_rows:
+            raise ConfigError(f"{where}: fit_on is {on!r}; allowed: some (not all) settings of the verdict rows: "
+                              f"{', '.join(sorted(verdict_rows))}")
+        calibration = Calibration(str(spec["metric"]), float(spec["max_leak_rate"]), tuple(on),
+                                  float(spec["shipped_threshold"]))
+    return Experiment(calibration=calibration, name=_text(raw, "name", where=source), paper=_text(raw, "paper", where=source),
                       title=_text(raw, "title", where=source), source=_text(raw, "source", where=source),
                       claim=_text(raw, "claim", where=source), scales=dict(scales), comparisons=comparisons,
                       trends=trends, figures=_text(raw, "figures", where=source, required=False),

@@ -139,6 +139,63 @@ def check_trend(trend: Trend, rows: list[Row]) -> tuple[bool | None, bool | None
     return paper, ours, sentence
 
 
+@dataclass
+class CalibrationResult:
+    threshold: float | None          # fitted on the calibration rows
+    shipped: float
+    fit_agree: tuple[int, int]       # (agreeing, rows) on the calibration rows, fitted threshold
+    held_out_agree: tuple[int, int]  # on the other verdict rows, fitted threshold
+    shipped_fit_agree: tuple[int, int]
+    shipped_held_out_agree: tuple[int, int]
+    text: str
+
+
+def calibrate(experiment: Experiment, records: list[dict]) -> CalibrationResult | None:
+    """Fit the per-sample threshold on the calibration rows (the value that agrees with the most of the
+    paper's verdicts there; of a tie, the middle of the best run of candidates), then count agreement
+    on the held-out verdict rows, for the fitted and the shipped threshold."""
+    cal = experiment.calibration
+    if cal is None:
+        return None
+    rows = []  # (setting, paper verdict, per-sample values)
+    for c in experiment.comparisons:
+        if c.ours.value != "verdict":
+            continue
+        found = matching(records, c.where)
+        values = [v for r in found for v in (field_of(r, f"per_sample.{cal.metric}") or []) if v is not None]
+        if values:
+            rows.append((c.setting, bool(c.paper), np.asarray(values, dtype=float)))
+
+    def agreement(threshold: float, part: list) -> tuple[int, int]:
+        agree = sum((np.mean(v >= threshold) <= cal.max_leak_rate) == paper for _, paper, v in part)
+        return int(agree), len(part)
+
+    fit = [r for r in rows if r[0] in cal.on]
+    held = [r for r in rows if r[0] not in cal.on]
+    if not fit:
+        return CalibrationResult(None, cal.shipped_threshold, (0, 0), (0, 0), (0, 0), (0, 0),
+                                 "No calibration row was measured.")
+    candidates = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    scores = np.array([agreement(t, fit)[0] for t in candidates])
+    best = np.flatnonzero(scores == scores.max())
+    runs = np.split(best, np.flatnonzero(np.diff(best) != 1) + 1)  # consecutive runs of best candidates
+    longest = max(runs, key=len)
+    threshold = float(candidates[longest[len(longest) // 2]])
+    result = CalibrationResult(threshold, cal.shipped_threshold, agreement(threshold, fit), agreement(threshold, held),
+                               agreement(cal.shipped_threshold, fit), agreement(cal.shipped_threshold, held), "")
+
+    def frac(pair: tuple[int, int]) -> str:
+        return f"{pair[0]}/{pair[1]}"
+
+    result.text = (
+        f"The verdict's threshold (a sample leaks when {cal.metric} >= t; a defense holds when at most "
+        f"{cal.max_leak_rate:g} of samples leak) fitted on {', '.join(cal.on)} is t = {threshold:.2f}: it agrees "
+        f"with the paper on {frac(result.fit_agree)} of those rows and on {frac(result.held_out_agree)} of the "
+        f"held-out rows ({', '.join(r[0] for r in held) or 'none'}). The shipped t = {cal.shipped_threshold:g}, "
+        f"chosen before this experiment: {frac(result.shipped_fit_agree)} and {frac(result.shipped_held_out_agree)}.")
+    return result
+
+
 def measure_experiment(experiment: Experiment, records: list[dict]) -> tuple[list[Row], list[tuple]]:
     rows = [measure(c, records) for c in experiment.comparisons]
     trends = [(t, *check_trend(t, rows)) for t in experiment.trends]

@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from ..storage import atomic_write_text
 from .experiment import Experiment
-from .measure import Row
+from .measure import CalibrationResult, Row
 
 
 def paper_text(paper: Any) -> str:
@@ -50,7 +50,8 @@ def rows_frame(rows: list[Row], *, markdown: bool = True) -> pd.DataFrame:
     } for r in rows])
 
 
-def header(experiment: Experiment, scale: str, rows: list[Row], trends: list[tuple], figures: list[str]) -> list[str]:
+def header(experiment: Experiment, scale: str, rows: list[Row], trends: list[tuple], figures: list[str],
+           calibration: CalibrationResult | None = None) -> list[str]:
     agreed = sum(r.agrees is True for r in rows)
     measured = sum(r.agrees is not None for r in rows)
     lines = [f"# {experiment.title}", "",
@@ -65,6 +66,8 @@ def header(experiment: Experiment, scale: str, rows: list[Row], trends: list[tup
     for trend, paper_ok, ours_ok, sentence in trends:
         verdict = "agrees" if ours_ok and paper_ok else "does not agree" if paper_ok else "cannot be checked"
         lines += ["", f"**Trend ({trend.quantity}, {trend.order}): {verdict}.** {sentence}"]
+    if calibration is not None:
+        lines += ["", f"**Is the verdict rule circular?** {calibration.text}"]
     if experiment.notes:
         lines += ["", experiment.notes]
     shown = ", ".join(f"[{name}]({name})" for name in figures) or "none written"
@@ -72,10 +75,11 @@ def header(experiment: Experiment, scale: str, rows: list[Row], trends: list[tup
     return lines
 
 
-def write_tables(out: Path, experiment: Experiment, scale: str, rows: list[Row], trends: list[tuple]) -> str:
+def write_tables(out: Path, experiment: Experiment, scale: str, rows: list[Row], trends: list[tuple],
+                 calibration: CalibrationResult | None = None) -> str:
     """Write ``paper.md``, ``paper.csv`` and ``paper.tex`` into ``out``; return the Markdown."""
     figures = sorted(p.name for p in out.glob("*.png"))
-    md = "\n".join(header(experiment, scale, rows, trends, figures) + [
+    md = "\n".join(header(experiment, scale, rows, trends, figures, calibration) + [
         "", tabulate(rows_frame(rows), headers="keys", tablefmt="github", showindex=False, disable_numparse=True)]) + "\n"
     atomic_write_text(out / "paper.md", md)
     atomic_write_text(out / "paper.csv", rows_frame(rows, markdown=False).to_csv(index=False))

@@ -12,7 +12,7 @@ from ..run.report import readable_records, render
 from ..run.results import ResultsStore
 from ..storage import atomic_write_text
 from .experiment import SCALES, experiment_names, load_experiment
-from .measure import measure_experiment
+from .measure import calibrate, measure_experiment
 from .render import write_tables
 
 EXPERIMENT_FILE = "experiment.json"  # in each output folder: which experiment at which scale
@@ -57,7 +57,7 @@ def report_folder(folder: Path) -> str:
     render(folder)
     records = readable_records(ResultsStore(folder / "results.jsonl"))
     rows, trends = measure_experiment(experiment, records)
-    return write_tables(folder, experiment, meta["scale"], rows, trends)
+    return write_tables(folder, experiment, meta["scale"], rows, trends, calibrate(experiment, records))
 
 
 def report(path: Path) -> list[str]:
