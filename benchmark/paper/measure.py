@@ -73,7 +73,12 @@ def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
         seen = f"leak rate {100 * leak:.0f}%" if leak is not None else "no leak rate"
         if psnr is not None:
             seen += f", PSNR {psnr:.1f} dB"
-        return verdict.get("defended"), None, None, seen
+        low = high = None
+        if leak is not None:  # the verdict's evidence: the leak rate's interval over the record's samples
+            samples = len(field_of(record, "per_sample.ssim") or []) or int(record.get("targets") or 0)
+            low, high = leak_interval(leak, samples)
+            seen += f" (leak rate's interval over {samples} samples)"
+        return verdict.get("defended"), low, high, seen
     if ours.per_sample:
         values = np.asarray([v for r in found for v in (field_of(r, f"per_sample.{ours.per_sample}") or [])
                              if v is not None and math.isfinite(v)], dtype=float)
