@@ -313,9 +313,11 @@ def class_leak_controls(*, oracle: Oracle, references: ImageData, held_out: Imag
 
 
 def describe_controls(controls: dict[str, dict]) -> str:
-    """One line: each control's leak rate against its bound."""
+    """One line: each control's leak rate against its bound, the positive control first (cached controls
+    come back with their names sorted)."""
     return "; ".join(f"{name} {c['leak_rate']:.0%} ({'>=' if c['expected'] == 'positive' else '<='} "
-                     f"{c['bound']:.0%}{'' if c['passes'] else ', FAILS'})" for name, c in controls.items())
+                     f"{c['bound']:.0%}{'' if c['passes'] else ', FAILS'})"
+                     for name, c in sorted(controls.items(), key=lambda item: (item[1]["expected"] != "positive", item[0])))
 
 
 # -- pictures -----------------------------------------------------------------------------------------
