@@ -87,6 +87,10 @@ class ImageData:
         """Map images in this data's scale to [0, 1] (metrics are computed on [0, 1])."""
         return (x + 1) / 2 if self.scale == "[-1,1]" else x
 
+    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Map [0, 1] images to this data's scale (the inverse of :meth:`to_unit`)."""
+        return x * 2 - 1 if self.scale == "[-1,1]" else x
+
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     chosen = data_dir if data_dir else os.environ.get(DATA_DIR_ENV)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..scoring.class_leak import LeakRule, SsimCalibration
+from ..scoring.class_leak import CALIBRATION_VERSION, LeakRule, SsimCalibration, class_leak_controls
 from ..scoring.oracle import Oracle, OracleNet, holdout_split, train_oracle
 from ..seeding import config_hash, derive_seed
 from ..storage import atomic_write_text, atomic_write_torch, computed_once
@@ -86,7 +86,7 @@ def ssim_calibration(context: CellContext, cell: "Cell", pool, target_class: int
         return None
     key_obj = {"dataset": cell.dataset.as_dict(), "seed": cell.seed, "target_class": target_class,
                "percentile": rule.percentile, "images": rule.calibration_images, "oracle_fraction": ORACLE_FRACTION,
-               "data_dir": context.data_key}
+               "data_dir": context.data_key, "version": CALIBRATION_VERSION}
     key = ("ssim-calibration", config_hash(key_obj))
     if key not in context.memo:
         def compute() -> SsimCalibration:
@@ -100,12 +100,39 @@ def ssim_calibration(context: CellContext, cell: "Cell", pool, target_class: int
     return context.memo[key]
 
 
-def sample_score_fields(score: dict[str, Any], rule: LeakRule) -> dict[str, Any]:
+def verdict_controls(context: CellContext, cell: "Cell", pool, oracle: Oracle, target_class: int,
+                     calibration: SsimCalibration | None) -> dict[str, dict]:
+    """The leak rate of each control of the verdict (``class_leak_controls``: real held-out images of the
+    class, of other classes, pixel-permuted class images, Gaussian blobs, the class-mean image) on the
+    half of the test split the SSIM bar was not calibrated on. Cached like the calibration (it depends on
+    the oracle too), so every record of a dataset, seed and target class carries the same numbers."""
+    rule = cell.grid.gan_verdict
+    key_obj = {"dataset": cell.dataset.as_dict(), "seed": cell.seed, "target_class": target_class,
+               "rule": dataclasses.asdict(rule), "calibration": None if calibration is None else calibration.threshold,
+               "oracle_fraction": ORACLE_FRACTION, "data_dir": context.data_key, "version": CALIBRATION_VERSION,
+               **oracle_key(cell.grid)}
+    key = ("verdict-controls", config_hash(key_obj))
+    if key not in context.memo:
+        def compute() -> dict[str, dict]:
+            return class_leak_controls(oracle=oracle, references=pool, held_out=context.dataset(cell.dataset, "test"),
+                                       target_class=target_class, rule=rule, calibration=calibration,
+                                       seed=derive_seed("calibration", cell.seed), images=rule.calibration_images)
+
+        context.memo[key] = computed_once(
+            context.cache_dir / "verdict-controls" / f"{key[1]}.json", compute,
+            read=lambda p: json.loads(p.read_text()),
+            write=lambda p, c: atomic_write_text(p, json.dumps(c, sort_keys=True)))
+    return context.memo[key]
+
+
+def sample_score_fields(score: dict[str, Any], rule: LeakRule, controls: dict[str, dict] | None = None
+                        ) -> dict[str, Any]:
     """The metric and verdict fields every class-representative cell (GAN, model inversion) records, so
-    one table holds them all."""
+    one table holds them all: the verdict with its rule, calibration, the share of samples meeting each
+    of its conditions, and its controls' leak rates."""
     return {
         "metrics": {
-            "leak_rate": score["leak_rate"], "strict_leak_rate": score["strict_leak_rate"],
+            "leak_rate": score["leak_rate"], "class_mean_ssim": score["class_mean_ssim"],
             "oracle_accuracy": score["oracle_accuracy"], "oracle_confidence": score["oracle_confidence"],
             "ssim_median": score["nn_ssim_distribution"]["median"], "nn_ssim_mean": score["nn_ssim"],
             "nn_l1_mean": score["nn_l1"], "psnr_median": None, "mse_median": None, "label_accuracy": None,
@@ -114,5 +141,6 @@ def sample_score_fields(score: dict[str, Any], rule: LeakRule) -> dict[str, Any]
         "distributions": {"nn_ssim": score["nn_ssim_distribution"], "nn_l1": score["nn_l1_distribution"]},
         "verdict": {"defended": score["defended"], "rule": score["verdict_rule"], "metric": "oracle+nn-ssim",
                     "threshold": score["min_ssim"], "max_leak_rate": rule.max_leak_rate,
-                    "min_ssim_setting": rule.min_ssim, "calibration": score["calibration"]},
+                    "min_ssim_setting": rule.min_ssim, "min_confidence": rule.min_confidence,
+                    "calibration": score["calibration"], "conditions": score["conditions"], "controls": controls},
     }

@@ -17,7 +17,7 @@ from ..seeding import derive_seed
 from .base import CellContext, accuracy_fields, cell_identity
 from .class_representatives import (
     TRACE_REFERENCES, ClassRepresentativeCells, oracle_key, participants_pool_and_oracle, sample_score_fields,
-    ssim_calibration,
+    ssim_calibration, verdict_controls,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,7 +81,8 @@ class CollaborativeCells(ClassRepresentativeCells):
         nearest = targets[torch.as_tensor(score["nearest_l1_index"])]
         context.save_samples(cell.key(), train.to_unit(nearest), train.to_unit(result.samples).clamp(0, 1))
         accuracy = context.accuracy(cell)
-        fields = sample_score_fields(score, rule)
+        controls = verdict_controls(context, cell, train, oracle, attack.target_class, calibration)
+        fields = sample_score_fields(score, rule, controls)
         return {
             **cell_identity(cell, defense),
             "targets": score["samples"],

@@ -16,6 +16,7 @@ from ..seeding import derive_seed
 from .base import CellContext, accuracy_fields, cell_identity
 from .class_representatives import (
     ClassRepresentativeCells, oracle_key, participants_pool_and_oracle, sample_score_fields, ssim_calibration,
+    verdict_controls,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +50,8 @@ class TrainedModelCells(ClassRepresentativeCells):
         targets = pool.images[pool.labels == attack.target_class]
         nearest = targets[torch.as_tensor(score["nearest_l1_index"])]
         context.save_samples(cell.key(), pool.to_unit(nearest), pool.to_unit(inversion.images).clamp(0, 1))
-        fields = sample_score_fields(score, rule)
+        controls = verdict_controls(context, cell, pool, oracle, attack.target_class, calibration)
+        fields = sample_score_fields(score, rule, controls)
         return {
             **cell_identity(cell, defense),
             "targets": score["samples"],

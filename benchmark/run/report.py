@@ -13,6 +13,7 @@ from tabulate import tabulate
 from ..cells.base import TableColumn
 from ..errors import ConfigError
 from ..registry import CELL_KINDS
+from ..scoring.class_leak import describe_controls
 from ..storage import atomic_write_text
 from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples, tradeoff_plots
 from .results import ResultsStore, missing_field
@@ -125,6 +126,34 @@ def verdict_marks(records: list[dict], summary: pd.DataFrame | None = None) -> d
             for r in records}
 
 
+def verdict_notes(records: list[dict], summary: pd.DataFrame) -> list[str]:
+    """Lines for the table's note: why each attack without a verdict has none (what its undefended cell
+    measured), and the controls of the class-representative verdict per dataset and target class."""
+    lines = []
+    no_verdict = summary[(~summary["attack_works"]) & (summary["family"] == "baseline")]
+    for _, row in no_verdict.iterrows():
+        undefended = [r for r in records if (r["dataset"], r["model"], r["attack"], r["defense_family"])
+                      == (str(row["dataset"]), str(row["model"]), str(row["attack"]), "baseline")]
+        why = f"undefended it leaks {row['leak_rate']:.0%} (at most {row['max_leak_rate']:.0%} is no leak)"
+        conditions = (undefended[0]["verdict"].get("conditions") if undefended else None)
+        if conditions:
+            rounds = undefended[0]["metrics"].get("rounds")
+            why += (f"{f' after {rounds} rounds' if rounds else ''}: the oracle takes {conditions['oracle']:.0%} "
+                    f"of its samples for the class, {conditions['similar']:.0%} reach the SSIM bar "
+                    f"({undefended[0]['verdict']['threshold']:.3f}), {conditions['not_class_mean']:.0%} look more "
+                    f"like a real image than like the class mean")
+        lines.append(f"{NO_VERDICT} {row['attack']} on {row['dataset']} / {row['model']}: no verdict, {why}.")
+    shown = set()
+    for r in records:
+        controls = r["verdict"].get("controls")
+        where = (r["dataset"], (r.get("threat") or {}).get("target_class"))
+        if controls and where not in shown:
+            shown.add(where)
+            lines.append(f"Verdict controls on {where[0]} (class {where[1]}, the held-out half the SSIM bar was "
+                         f"not calibrated on): {describe_controls(controls)}.")
+    return lines
+
+
 def in_grid_order(records: list[dict], grid_json: Path) -> list[dict]:
     """Records in the grid's cell order (``cell_keys`` in grid.json), whatever order parallel workers
     finished them in, so that tables list the grid's rows and columns in its order."""
@@ -183,10 +212,13 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
               f"model acc = the global model's accuracy at the end of the attacked protocol run (model "
               f"inversion: the attacked model's accuracy). {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
               f"verdict: the attack does not leak even against `none` here, so it cannot rate a defense.\n")
+    summary = summary_frame(records)
+    notes = verdict_notes(records, summary)
+    if notes:
+        legend += "\n" + "\n".join(f"- {line}" for line in notes) + "\n"
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
-    summary = summary_frame(records)
     summary.to_csv(out / "summary.csv", index=False)
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
