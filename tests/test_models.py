@@ -57,3 +57,22 @@ def test_seeded_and_width_scaled():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
     assert a.fc.in_features == 32
+
+
+def _update_gap(model, first, second, label) -> float:
+    """||g(first) - g(second)||^2 / ||g(first)||^2 for the updates of two images with one label."""
+    g1 = torch.autograd.grad(soft_cross_entropy(model(first), label), list(model.parameters()))
+    g2 = torch.autograd.grad(soft_cross_entropy(model(second), label), list(model.parameters()))
+    return sum(float(((a - b) ** 2).sum()) for a, b in zip(g1, g2)) / sum(float((a ** 2).sum()) for a in g1)
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_default_update_depends_on_the_image(name):
+    """The defaults (BatchNorm, PyTorch's init) keep the input in the update, which a gradient-matching
+    attack needs; without BatchNorm the sigmoids on the identity path all but erase it (the spec's
+    docstring)."""
+    first, second = torch.rand(2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    label = torch.nn.functional.one_hot(torch.tensor([3]), 10).float()
+    with_bn = _update_gap(build_model(name, (3, 8, 8), 10, seed=0, width=0.5), first, second, label)
+    without = _update_gap(build_model(name, (3, 8, 8), 10, seed=0, width=0.5, batchnorm=False), first, second, label)
+    assert without < 1e-3 * with_bn, (with_bn, without)
