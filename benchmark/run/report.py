@@ -192,7 +192,9 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
     summary = summary_frame(records)
-    summary.to_csv(out / "summary.csv", index=False)
+    # per-target lists as JSON (null: never recovered) rather than Python's repr
+    summary.assign(iterations_to_recover=summary["iterations_to_recover"].map(json.dumps)).to_csv(
+        out / "summary.csv", index=False)
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
         for stale in set(out.glob("reconstructions_*.png")) - written:  # figures of an earlier rendering
