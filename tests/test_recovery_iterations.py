@@ -15,7 +15,7 @@ TINY_TABLE2 = {
     "name": "tiny-table2",
     "datasets": [{"name": "digits", "params": {"image_size": 8}}],
     "models": ["lenet-zhu"],
-    "attacks": [{"name": "dlg-batched", "params": {"batch_size": 1, "steps": 300, "stop_distance": 1e-9}}],
+    "attacks": [{"name": "dlg-batched", "params": {"batch_size": 1, "steps": 150, "stop_distance": 1e-9}}],
     "defenses": [{"name": "large-batch", "sweep": {"batch_size": [1, 4]}}],
     "targets": 3,
     "accuracy": {"epochs": 0, "test_size": 50},
