@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .params import Component, Param
@@ -114,6 +115,116 @@ class MLPSpec(ModelSpec):
         else:
             _init_default_(model, generator)
         return model
+
+
+# --- He et al. (CVPR 2016) CIFAR ResNets as the DLG paper ran them (Zhu et al. 2019, section 4.1) ---------
+
+class _SigmoidBasicBlock(nn.Module):
+    """A basic block: two 3x3 convolutions, no strides, sigmoid after the first and after the sum.
+    The shortcut is He et al.'s option A, parameter-free: the identity, zero-padded with channels when the
+    block widens (their option A also subsamples; with the strides removed nothing is subsampled)."""
+
+    def __init__(self, in_planes: int, planes: int, batchnorm: bool, activation: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=not batchnorm)
+        self.bn1 = _norm(planes, batchnorm)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=not batchnorm)
+        self.bn2 = _norm(planes, batchnorm)
+        self.act = ACTIVATIONS[activation]()
+        self.extra_channels = planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)) if self.extra_channels else x
+        return self.act(out + shortcut)
+
+
+def _norm(planes: int, batchnorm: bool) -> nn.Module:
+    # batch statistics in train and eval mode alike (no running buffers): the victim computes its update
+    # and the attacker its dummy update through the same function, and the vectorised engine, which
+    # cannot write running statistics under vmap, evaluates it unchanged
+    return nn.BatchNorm2d(planes, track_running_stats=False) if batchnorm else nn.Identity()
+
+
+class SigmoidCifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet-(6n+2): a 3x3 convolution, three stages of ``n`` basic blocks with 16, 32
+    and 64 filters (times ``width``), global average pooling, one linear layer; with the two changes of the
+    DLG paper: sigmoid for ReLU, and no strides (every stage keeps the input's spatial size)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, blocks_per_stage: int, width: float = 1.0,
+                 batchnorm: bool = True, activation: str = "sigmoid") -> None:
+        super().__init__()
+        widths = [max(1, round(w * width)) for w in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=not batchnorm)
+        self.bn1 = _norm(widths[0], batchnorm)
+        self.act = ACTIVATIONS[activation]()
+        blocks, planes = [], widths[0]
+        for stage_width in widths:
+            for _ in range(blocks_per_stage):
+                blocks.append(_SigmoidBasicBlock(planes, stage_width, batchnorm, activation))
+                planes = stage_width
+        self.stages = nn.Sequential(*blocks)
+        self.fc = nn.Linear(planes, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (spatial size = the input's: no strides)."""
+        return self.stages(self.act(self.bn1(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class _SigmoidResNetSpec(ModelSpec):
+    """A CIFAR ResNet as the DLG paper ran it, at random initialisation.
+
+    BatchNorm: on by default, for two reasons. The paper names two changes to He et al.'s network,
+    sigmoid for ReLU and no strides (section 4.1), not a third; the reference repository's ResNet code
+    (mit-han-lab/dlg, models/vision.py) keeps BatchNorm as well. And without it the sigmoid network
+    forgets its input: every block ends in a sigmoid on the identity path (slope at most 1/4), so at a
+    random init two different CIFAR-100 images with the same label give updates that differ by
+    ||g1 - g2||^2 = 6e-13 for ResNet-20 and 9e-15 for ResNet-56 (||g||^2 about 30), nothing a
+    gradient-matching attack can recover an image from; with BatchNorm they differ by 4e-2 and 5e-2.
+    BatchNorm uses batch statistics in train and eval mode alike (no running buffers), so the victim's
+    update and the attacker's dummy update go through the same function; for a single image they are
+    statistics over its pixels (the spatial size is kept). ``batchnorm: false`` puts a bias on each
+    convolution instead. Parameter counts with BatchNorm equal He et al.'s: 269,722 (ResNet-20) and
+    853,018 (ResNet-56) for 32x32x3 inputs and 10 classes.
+
+    Init: PyTorch's default U(+-1/sqrt(fan_in)) by default; the DLG reference's U(-0.5, 0.5) saturates the
+    sigmoids of these deep networks (updates of two images differ by 3e-9 with BatchNorm).
+    """
+
+    blocks_per_stage: int
+    params = (
+        Param("width", float, 1.0, "multiplier of the 16/32/64 filters per stage (CPU-scale reductions)",
+              low=0.0625, high=8.0),
+        Param("batchnorm", bool, True, "BatchNorm after each convolution (batch statistics); see the docstring"),
+        Param("activation", str, "sigmoid", "activation (the DLG paper: sigmoid for ReLU)", choices=tuple(ACTIVATIONS)),
+        Param("init", str, "default", "'default': PyTorch's U(+-1/sqrt(fan_in)); 'uniform': U(-0.5, 0.5) like "
+              "the DLG reference's weights_init", choices=("uniform", "default")),
+    )
+
+    def create(self, input_shape, num_classes, *, generator=None):
+        model = SigmoidCifarResNet(input_shape[0], num_classes, blocks_per_stage=self.blocks_per_stage,
+                                   width=self.width, batchnorm=self.batchnorm, activation=self.activation)
+        if self.init == "uniform":
+            _init_uniform_(model, 0.5, generator)
+        else:
+            _init_default_(model, generator)  # BatchNorm keeps its identity init (weight 1, bias 0)
+        return model
+
+
+@register_model("resnet20-sigmoid")
+class ResNet20SigmoidSpec(_SigmoidResNetSpec):
+    __doc__ = "ResNet-20 (n = 3 blocks per stage). " + _SigmoidResNetSpec.__doc__
+    blocks_per_stage = 3
+
+
+@register_model("resnet56-sigmoid")
+class ResNet56SigmoidSpec(_SigmoidResNetSpec):
+    __doc__ = "ResNet-56 (n = 9 blocks per stage), the model of the DLG paper's Fig. 3. " + _SigmoidResNetSpec.__doc__
+    blocks_per_stage = 9
 
 
 def build_model(name: str, input_shape, num_classes: int, *, seed: int = 0, **params) -> nn.Module:

@@ -14,6 +14,7 @@ from ..cells.base import TableColumn
 from ..errors import ConfigError
 from ..registry import CELL_KINDS
 from ..scoring.class_leak import describe_controls
+from ..scoring.reconstruction import censored_median
 from ..storage import atomic_write_text
 from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples, tradeoff_plots
 from .results import ResultsStore, missing_field
@@ -48,6 +49,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "recovered_rate": m.get("recovered_rate"), "closure_evals": m.get("closure_evals_mean"),
             "max_leak_rate": r["verdict"]["max_leak_rate"], "rule": r["verdict"]["rule"],
             "wall_seconds": r.get("wall_seconds"),
+            # DLG Table 2's measurement (gradient cells): per target, the first iteration it was recovered
+            "iterations_to_recover": list((r.get("per_target") or {}).get("iterations_to_recover") or []),
             # what the record's kind of cell shows beside the leak rate, pooled by summary_frame
             **{f"column:{c.metric}": m.get(c.metric) for c in kind_columns(setting)},
         })
@@ -66,9 +69,11 @@ def summary_frame(records: list[dict]) -> pd.DataFrame:
         max_leak_rate=("max_leak_rate", "first"), seeds=("seed", "nunique"), family=("family", "first"),
         setting=("setting", "first"), oracle_accuracy=("oracle_accuracy", "mean"),
         protocol_accuracy=("protocol_accuracy", "mean"),
+        iterations_to_recover=("iterations_to_recover", lambda lists: [v for one in lists for v in one]),
         **{f"column:{c.metric}": (f"column:{c.metric}", c.pool)
            for c in dict.fromkeys(c for s in dict.fromkeys(df["setting"]) for c in kind_columns(s))},
     ).reset_index()
+    agg["iterations_to_recover_median"] = [censored_median(v) if v else None for v in agg["iterations_to_recover"]]
     agg["defended"] = agg["leak_rate"] <= agg["max_leak_rate"]
     # A verdict needs an attack that works: when the same attack does not leak against `none` on the
     # same dataset and model, no defense row can be credited with stopping it.
@@ -219,7 +224,9 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     atomic_write_text(out / "table.md", md + "\n" + legend)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "table.tex", block_tables("latex_booktabs", lambda d, m: f"% {d} / {m}\n") + "\n")
-    summary.to_csv(out / "summary.csv", index=False)
+    # per-target lists as JSON (null: never recovered) rather than Python's repr
+    summary.assign(iterations_to_recover=summary["iterations_to_recover"].map(json.dumps)).to_csv(
+        out / "summary.csv", index=False)
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
         written |= set(tradeoff_plots(out, summary))

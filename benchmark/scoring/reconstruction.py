@@ -2,6 +2,8 @@
 one-to-one matching of batched reconstructions, and the recognisability verdict."""
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -128,3 +130,12 @@ class RecognisabilityRule:
         op = ">=" if self.higher_is_better else "<="
         return (f"a sample leaks when {self.metric} {op} {self.threshold:g}; "
                 f"a defense holds when the leak rate is <= {self.max_leak_rate:g}")
+
+
+def censored_median(values: list[int | None]) -> float | None:
+    """Median of per-target iterations where None (never recovered within the budget) counts as more
+    than any budget; None when at least half the targets never recovered (the median is not observed)."""
+    if not values:
+        return None
+    median = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(median) else float(median)
