@@ -190,6 +190,7 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     summary.to_csv(out / "summary.csv", index=False)
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
-        for stale in set(out.glob("reconstructions_*.png")) - written:  # figures of an earlier rendering
+        earlier = {*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md")}
+        for stale in earlier - written:  # figures of an earlier rendering
             stale.unlink()
     return md + "\n" + legend
