@@ -64,7 +64,12 @@ class TextDLG(Attack):
         # works on numbers of order one while the embeddings start at the table's scale
         spread = float(table.detach().std())
         z = torch.randn(1, length, table.shape[1], generator=g).to(table.device, table.dtype).requires_grad_(True)
-        logits = torch.randn(length, vocab + 1, generator=g).to(table.device, table.dtype).requires_grad_(True)
+        logits = torch.randn(length, vocab + 1, generator=g)
+        # the prior the attacker knows: a position is masked with probability masked_count / length, and a
+        # masked word is any word, so "not masked" starts with that share of each position's label mass
+        share = task.masked_count / length
+        logits[:, vocab] += math.log(vocab * (1 - share) / share)  # share < 1: [CLS] and [SEP] are never masked
+        logits = logits.to(table.device, table.dtype).requires_grad_(True)
 
         def distance() -> torch.Tensor:
             out = model(inputs_embeds=z * spread).logits[0]
