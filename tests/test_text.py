@@ -55,26 +55,30 @@ def test_bert_mlm_is_twice_differentiable_with_eager_attention():
 def tiny_grid(**overrides) -> dict:
     return {"name": "tiny-text", "datasets": [{"name": "table1-sentences", "params": {"max_words": 3}}],
             "models": [{"name": "bert-mlm", "params": TINY_MODEL}],
-            "attacks": [{"name": "dlg-text", "params": {"steps": 10}}], "defenses": ["none"], "targets": 1,
+            "attacks": [{"name": "dlg-text", "params": {"steps": 20}}], "defenses": ["none"], "targets": 1,
             "verdict": TEXT_VERDICT, **overrides}
 
 
-def test_dlg_text_recovers_a_short_sentence_through_a_grid(tmp_path):
-    """A 2-layer BERT of width 64: "Registration, volunteer applications," comes back from the masked-LM
-    gradient to at least TINY_LEAK_THRESHOLD token accuracy; the record carries the text after steps 0
-    and 10, the table the text columns, and the report a Markdown transcript."""
-    grid = parse_grid(tiny_grid())
-    (record,) = Runner(grid, RunOptions(out_dir=tmp_path, progress=False)).run()
-    per = record["per_target"]
+def test_dlg_text_recovers_a_short_sentence_through_a_grid_and_noise_stops_it(tmp_path):
+    """A 2-layer BERT of width 64, 20 steps: "Registration, volunteer applications," comes back from the masked-LM
+    gradient to at least TINY_LEAK_THRESHOLD token accuracy; Gaussian noise of variance 1 on the shared
+    gradient (the image grids' defense, unchanged) stops it. The record carries the text after steps 0,
+    10 and 20, the table the text columns, and the report a Markdown transcript."""
+    grid = parse_grid(tiny_grid(defenses=["none", {"name": "gaussian-noise", "params": {"variance": 1.0}}]))
+    records = {r["defense"]: r for r in Runner(grid, RunOptions(out_dir=tmp_path, progress=False)).run()}
+    per = records["none"]["per_target"]
     assert per["text"] == ["Registration, volunteer applications,"]
     assert per["token_accuracy"][0] >= TINY_LEAK_THRESHOLD, per
-    assert set(per["history"][0]) == {"0", "10"} and per["recovered"][0] == per["history"][0]["10"]
+    assert set(per["history"][0]) == {"0", "10", "20"} and per["recovered"][0] == per["history"][0]["20"]
     assert per["history"][0]["0"] != per["recovered"][0]  # the random start is not the answer
-    assert record["metrics"]["leak_rate"] == 1.0 and record["threat"]["setting"] == "text-gradient"
+    assert records["none"]["metrics"]["leak_rate"] == 1.0 and records["none"]["threat"]["setting"] == "text-gradient"
+    noised = records["gaussian-noise"]
+    assert noised["per_target"]["token_accuracy"][0] < TINY_LEAK_THRESHOLD, noised["per_target"]
+    assert noised["verdict"]["defended"]
     table = render(tmp_path)
     assert "dlg-text token acc" in table and "dlg-text exact" in table
     transcript = (tmp_path / "reconstructions_dlg-text_table1-sentences_bert-mlm.md").read_text()
-    assert "| original | Registration, volunteer applications, |" in transcript
+    assert "| original | Registration, volunteer applications, |" in transcript and "## gaussian-noise" in transcript
     assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])["per_target"]["recovered"]
 
 
