@@ -89,6 +89,8 @@ def test_dlg_text_recovers_a_short_sentence_through_a_grid_and_noise_stops_it(tm
     ({"attacks": [{"name": "dlg-text", "params": {"distance": "manhattan"}}]},
      r"'distance' = 'manhattan' is invalid; allowed: one of 'embedding-layer', 'cosine', 'l2'"),
     ({"threat": {"model_state": "trained", "train_steps": 2}}, r"threat.model_state = 'trained' is not supported"),
+    ({"attacks": ["dlg"], "datasets": ["digits"], "models": ["lenet-zhu"]},
+     r"verdict.metric = 'token_accuracy' cannot judge image reconstructions; allowed: mse, psnr, ssim"),
 ])
 def test_text_grids_that_cannot_run_are_one_line_errors(change, message):
     with pytest.raises(ConfigError, match=message) as err:

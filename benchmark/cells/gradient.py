@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..run.grid import Cell, Grid
 
 CONVERGED_MSE = 1e-3  # a batch counts as recovered once every matched sample is below this MSE
+IMAGE_METRICS = ("mse", "psnr", "ssim")  # what score_reconstruction computes per sample
 
 
 @register_cell_kind("gradient")
@@ -53,6 +54,11 @@ class GradientCells(CellKind):
             # batching changes a float32 trajectory's rounding, so a cell run alone is another result
             **({} if grid.batch_cells else {"batch_cells": False}),
         }
+
+    def validate(self, grid: "Grid") -> None:
+        if grid.verdict.metric not in IMAGE_METRICS:
+            raise ConfigError(f"grid: verdict.metric = {grid.verdict.metric!r} cannot judge image reconstructions; "
+                              f"allowed: {', '.join(IMAGE_METRICS)}")
 
     def program_key(self, cell: "Cell") -> str | None:
         """Cells with the same key run as one engine program (see the module's docstring)."""
