@@ -61,10 +61,10 @@ def tiny_grid(**overrides) -> dict:
 
 def test_dlg_text_recovers_a_short_sentence_through_a_grid_and_noise_stops_it(tmp_path):
     """A 2-layer BERT of width 64, 20 steps: "Registration, volunteer applications," comes back from the masked-LM
-    gradient to at least TINY_LEAK_THRESHOLD token accuracy; Gaussian noise of variance 1 on the shared
+    gradient to at least TINY_LEAK_THRESHOLD token accuracy; Gaussian noise of variance 100 on the shared
     gradient (the image grids' defense, unchanged) stops it. The record carries the text after steps 0,
     10 and 20, the table the text columns, and the report a Markdown transcript."""
-    grid = parse_grid(tiny_grid(defenses=["none", {"name": "gaussian-noise", "params": {"variance": 1.0}}]))
+    grid = parse_grid(tiny_grid(defenses=["none", {"name": "gaussian-noise", "params": {"variance": 100.0}}]))
     records = {r["defense"]: r for r in Runner(grid, RunOptions(out_dir=tmp_path, progress=False)).run()}
     per = records["none"]["per_target"]
     assert per["text"] == ["Registration, volunteer applications,"]
