@@ -4,5 +4,6 @@ from . import dlg  # noqa: F401  (registers dlg, idlg, dlg-batched)
 from . import gan  # noqa: F401  (registers gan-active, gan-passive)
 from . import model_inversion  # noqa: F401  (registers model-inversion)
 from . import adaptive  # noqa: F401  (registers dlg-adaptive, idlg-adaptive)
+from . import dlg_text  # noqa: F401  (registers dlg-text)
 
 __all__ = ["Attack"]

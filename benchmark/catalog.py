@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import attacks, cells, data, defenses, models  # noqa: F401  (register the built-ins)
+from . import attacks, cells, data, defenses, models, text  # noqa: F401  (register the built-ins)
 from .plugins import load_entry_point_plugins
 from .registry import LISTED
-from .scoring import reconstruction  # noqa: F401  (registers the metrics)
+from .scoring import reconstruction  # noqa: F401  (registers the image metrics)
+from .scoring import text as text_metrics  # noqa: F401  (registers the text metrics)
 
 
 def load_all() -> None:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .params import Component, Param
 from .registry import MODELS, register_model
 
@@ -337,3 +338,71 @@ def output_width(model: nn.Module, input_shape) -> int:
         width = int(model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)).shape[-1])
         model.train(was_training)
     return width
+
+
+# --- DLG Section 4.2: BERT's masked language model ---------------------------------------------------
+
+class MaskedLMVictim(nn.Module):
+    """A masked LM seen as a classifier of its masked positions: ``forward(input_ids)`` returns the
+    logits at ``positions`` only, one row per masked token, so that the victim's shared gradient of
+    ``soft_cross_entropy(logits, one-hot originals)`` is BERT's MLM loss (mean over the masked tokens)
+    and every defense's ``share`` applies to it unchanged. Its parameters are the masked LM's."""
+
+    def __init__(self, mlm: nn.Module, positions: torch.Tensor) -> None:
+        super().__init__()
+        self.mlm = mlm
+        self.register_buffer("positions", positions.clone(), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.mlm(input_ids=input_ids).logits[:, self.positions].flatten(0, 1)
+
+
+@register_model("bert-mlm")
+class BertMLMSpec(ModelSpec):
+    """``transformers.BertForMaskedLM`` from a ``BertConfig`` (BERT's own init, N(0, 0.02), drawn from
+    the seed), for a vocabulary of ``num_classes`` tokens. The defaults are BERT-base's sizes.
+
+    Three choices make gradient matching possible and are not BERT's defaults: attention is the "eager"
+    implementation (plain matmul and softmax, twice differentiable; the fused kernels need not be);
+    dropout is off (its masks are the victim's private randomness, which no attacker could replay); and
+    the output layer has its own weights rather than the input embedding table's, because the attack
+    works in embedding space, where the table's lookup gradient has nothing to be compared with (the
+    output layer's gradient is matched, the table's is not)."""
+
+    params = (
+        Param("hidden", int, 768, "hidden size", low=8),
+        Param("layers", int, 12, "transformer layers", low=1, high=48),
+        Param("heads", int, 12, "attention heads (must divide hidden)", low=1),
+        Param("intermediate", int, 3072, "feed-forward width", low=8),
+        Param("max_positions", int, 512, "position embeddings (longest sequence)", low=8, high=4096),
+        Param("init_std", float, 0.02, "std of the normal init of every weight (BERT's initializer_range)",
+              low=1e-6, high=10.0),
+    )
+    twice_differentiable = True
+
+    @classmethod
+    def validate_params(cls, given):
+        checked = super().validate_params(given)
+        if checked["hidden"] % checked["heads"]:
+            raise ConfigError(f"model 'bert-mlm': parameter 'heads' = {checked['heads']} is invalid; allowed: a "
+                              f"divisor of hidden = {checked['hidden']}")
+        return checked
+
+    def create(self, input_shape, num_classes, *, generator=None):
+        from transformers import BertConfig, BertForMaskedLM
+
+        (length,) = input_shape
+        if length > self.max_positions:
+            raise ValueError(f"bert-mlm: sequences of {length} tokens need max_positions >= {length}")
+        config = BertConfig(vocab_size=num_classes, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                            num_attention_heads=self.heads, intermediate_size=self.intermediate,
+                            max_position_embeddings=self.max_positions, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, tie_word_embeddings=False,
+                            initializer_range=self.init_std, attn_implementation="eager")
+        seed = generator.initial_seed() if generator is not None else 0
+        with torch.random.fork_rng(devices=[]):  # BERT initialises from the global RNG: seed it, then restore
+            torch.manual_seed(seed)
+            model = BertForMaskedLM(config)
+        # the output bias is one parameter, as in BERT (untied output weights leave a second, unused copy)
+        model.cls.predictions.decoder.bias = model.cls.predictions.bias
+        return model.eval()

@@ -112,3 +112,33 @@ class Reconstruction:
 # monitor(step, images, labels) -> None; the evaluator's window into an attack's progress (ground truth
 # stays outside the attack).
 Monitor = Callable[[int, torch.Tensor, torch.Tensor | None], None]
+
+
+@dataclass
+class TextAttackTask:
+    """What a masked-LM gradient attacker is given for one attacked update: the model and its weights
+    (so its embedding table and vocabulary size), the shared update, the sequence length and how many
+    of its tokens were masked (BERT's public 15% rule fixes the count, not which tokens), and the
+    vocabulary's [MASK] id. Nothing about the sentence itself."""
+
+    model: nn.Module                      # the masked LM (transformers' BertForMaskedLM) the victim used
+    shared: list[torch.Tensor]            # the update as shared, after the defense, one tensor per parameter
+    sequence_length: int
+    masked_count: int
+    mask_token_id: int
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    defense_name: str = ""
+    seed: int = 0
+
+
+@dataclass
+class TextReconstruction:
+    """What a text attack returns for one task: the recovered token ids (``[CLS]`` and ``[SEP]``
+    included), the recovered ids after chosen optimiser steps, and its cost."""
+
+    token_ids: list[int]
+    history: dict[int, list[int]] = field(default_factory=dict)  # step -> token ids after that many steps
+    steps: int = 0
+    closure_evals: int = 0
+    grad_distance: float = float("nan")
+    diverged: bool = False

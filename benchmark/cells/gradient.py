@@ -41,6 +41,7 @@ CONVERGED_MSE = 1e-3  # a batch counts as recovered once every matched sample is
 RECOVERY_CHECK_EVERY = 1
 RECOVERY_RULE = (f"first iteration with every matched sample at MSE < {CONVERGED_MSE:g} ([0, 1] scale), "
                  f"checked every {RECOVERY_CHECK_EVERY} iteration")
+IMAGE_METRICS = ("mse", "psnr", "ssim")  # what score_reconstruction computes per sample
 
 
 @register_cell_kind("gradient")
@@ -60,6 +61,11 @@ class GradientCells(CellKind):
             # batching changes a float32 trajectory's rounding, so a cell run alone is another result
             **({} if grid.batch_cells else {"batch_cells": False}),
         }
+
+    def validate(self, grid: "Grid") -> None:
+        if grid.verdict.metric not in IMAGE_METRICS:
+            raise ConfigError(f"grid: verdict.metric = {grid.verdict.metric!r} cannot judge image reconstructions; "
+                              f"allowed: {', '.join(IMAGE_METRICS)}")
 
     def program_key(self, cell: "Cell") -> str | None:
         """Cells with the same key run as one engine program (see the module's docstring)."""

@@ -98,6 +98,37 @@ def _draw_grid(panels: list[tuple[str, np.ndarray]], *, title: str, path: Path) 
     plt.close(fig)
 
 
+@FIGURES.register("text")
+def text_transcripts(out: Path, records: list[dict], marks: dict[str, str]) -> list[Path]:
+    """One Markdown file per (attack, dataset, model), the text counterpart of the image grids: per
+    defense setting (the block's first seed) and sentence, the original and the recovered text after
+    each recorded step, marked with the table's verdict, with token accuracy and exact match (DLG Table 1's
+    layout: iterations down, examples across, here one table per sentence)."""
+    written = []
+    blocks = dict.fromkeys((r["attack"], r["dataset"], r["model"]) for r in records)
+    for attack, dataset, model in blocks:
+        rows = [r for r in records if (r["attack"], r["dataset"], r["model"]) == (attack, dataset, model)]
+        rows = [r for r in rows if r["seed"] == rows[0]["seed"]]
+        lines = [f"# {attack} on {dataset} / {model} (seed {rows[0]['seed']})", ""]
+        for r in rows:
+            per = r["per_target"]
+            lines += [f"## {r['defense_label']} {marks.get(r['key'], NO_VERDICT)}", ""]
+            for i, text in enumerate(per["text"]):
+                score = (f"Sentence {i + 1}: token accuracy {100 * per['token_accuracy'][i]:.1f}%, exact match "
+                         f"{'yes' if per['exact_match'][i] else 'no'}")
+                lines += [score, "", "| step | text |", "|---|---|"]
+                lines += [f"| {step} | {_cell(recovered)} |" for step, recovered in per["history"][i].items()]
+                lines += [f"| original | {_cell(text)} |", ""]
+        path = out / f"reconstructions_{attack}_{dataset}_{model}.md"
+        path.write_text("\n".join(lines), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|") or "(empty)"
+
+
 def tradeoff_plots(out: Path, summary) -> list[Path]:
     """One PNG per (dataset, model), ``tradeoff_<dataset>_<model>.png``: accuracy against leak rate, a panel
     per attack, one point per defense setting, a line per defense family (settings in the grid's order,

@@ -230,6 +230,7 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
         written |= set(tradeoff_plots(out, summary))
-        for stale in (set(out.glob("reconstructions_*.png")) | set(out.glob("tradeoff_*.png"))) - written:
-            stale.unlink()  # figures of an earlier rendering
+        earlier = {*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md"), *out.glob("tradeoff_*.png")}
+        for stale in earlier - written:  # figures of an earlier rendering
+            stale.unlink()
     return md + "\n" + legend

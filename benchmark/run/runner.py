@@ -104,8 +104,8 @@ class Runner:
                               f"the same grid (to resume it), another --out, or --force to start the folder afresh")
         for stale in ("results.jsonl", "grid.json", "table.md", "table.csv", "table.tex", "summary.csv"):
             (out / stale).unlink(missing_ok=True)
-        for png in out.glob("reconstructions_*.png"):
-            png.unlink()
+        for figure in [*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md")]:
+            figure.unlink()
         shutil.rmtree(out / "reconstructions", ignore_errors=True)
 
     def _grid_in(self, out: Path) -> tuple[set[str], set[str]] | None:
