@@ -30,9 +30,13 @@ class Row:
 
 
 def field_of(record: dict, path: str) -> Any:
-    """A dotted path into a record (``defense_params.variance``); None when absent."""
+    """A dotted path into a record (``defense_params.variance``, ``per_target.token_accuracy.0``); None
+    when absent."""
     value: Any = record
     for part in path.split("."):
+        if isinstance(value, list) and part.isdigit():  # per_target.token_accuracy.0: the first target's
+            value = value[int(part)] if int(part) < len(value) else None
+            continue
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
