@@ -217,6 +217,8 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 class Dataset(Component):
     """A registered dataset: where its images come from, and how they are resized and scaled."""
 
+    embedded: ClassVar[bool] = False  # shipped inside leakbench: never looked for on disk or the hub
+
     params = (
         Param("image_size", int, None, "resize square images to this side (bilinear); null keeps the native size",
               low=4, high=512, nullable=True),
@@ -315,7 +317,9 @@ class Dataset(Component):
     def check_available(self, split: str, data_dir: Path | None) -> None:
         """Before any work, cheaply: ``split`` can be loaded. The mirror's files of it must have the
         expected columns (their footers are read, not their images); a split the mirror lacks needs the
-        public source. Raises a one-line ConfigError."""
+        public source; an embedded dataset is always there. Raises a one-line ConfigError."""
+        if self.embedded:
+            return
         files = self.source_files(split, data_dir)
         if files is None:
             self.check_remote(split, data_dir)
@@ -400,14 +404,12 @@ class Digits(Dataset):
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images): real data that needs no download."""
 
     num_classes = 10
+    embedded = True
     params = (
         Param("image_size", int, 16, "resize the 8x8 digits to this side (bilinear)", low=4, high=512,
               nullable=True),
         *Dataset.params[1:],
     )
-
-    def check_available(self, split: str, data_dir: Path | None) -> None:
-        """Embedded: always there, whatever the data dir holds."""
 
     def load_raw(self, split: str, data_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits

@@ -103,6 +103,7 @@ class TextDataset(Dataset):
     """A registered text dataset: embedded sentences and the vocabulary they are tokenized with."""
 
     modality = "text"
+    embedded = True
     params = (
         Param("vocab_size", int, 2000, "WordPiece vocabulary size trained on the embedded corpus (at most)",
               low=100, high=100_000),
