@@ -66,6 +66,19 @@ def _bootstrap(values: np.ndarray, stat: str) -> tuple[float, float]:
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+def _missing(record: dict, path: str) -> str:
+    """Why a record gives no value at ``path``: absent, or null (e.g. a median over targets of which at
+    least half never reached it), with the per-target values where the record has them."""
+    head, _, leaf = path.rpartition(".")
+    parent = field_of(record, head) if head else record
+    if not isinstance(parent, dict) or leaf not in parent:
+        return f"records have no {path}"
+    per_target = field_of(record, f"per_target.{leaf.removesuffix('_median').removesuffix('_mean')}")
+    shown = f"; per target: {', '.join('never' if v is None else str(v) for v in per_target)}" \
+        if isinstance(per_target, list) else ""
+    return f"{path} is null (not reached within the budget){shown}"
+
+
 def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
               ) -> tuple[Any, float | None, float | None, str]:
     """(value, low, high, a note on what was measured) from the matching records."""
@@ -94,7 +107,7 @@ def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
     else:
         raw = field_of(record, ours.value)
         if raw is None:
-            return None, None, None, f"records have no {ours.value}"
+            return None, None, None, _missing(record, ours.value)
         value, low, high = float(raw), None, None
         note = ""
         if ours.interval == "wilson":
@@ -142,9 +155,13 @@ def check_trend(trend: Trend, rows: list[Row]) -> tuple[bool | None, bool | None
         return all(b > a for a, b in pairs) if trend.order == "increasing" else all(b < a for a, b in pairs)
 
     paper, ours = ordered([r.paper for r in chosen]), ordered([r.ours for r in chosen])
+    if ours is None:  # a row was not measured: the trend cannot be read off ours
+        ours_text = "not measured on every row"
+    else:
+        ours_text = f"{'' if ours else 'not '}{trend.order}"
     shown = ", ".join("–" if r.ours is None else f"{r.ours:.4g}" for r in chosen)
     sentence = (f"{trend.claim} Paper: {', '.join(str(r.paper) for r in chosen)}; ours: {shown} "
-                f"({'' if ours else 'not '}{trend.order} over {', '.join(r.setting for r in chosen)}).")
+                f"({ours_text} over {', '.join(r.setting for r in chosen)}).")
     return paper, ours, sentence
 
 

@@ -64,7 +64,8 @@ def header(experiment: Experiment, scale: str, rows: list[Row], trends: list[tup
     lines += ["", f"**Agreement: {agreed} of {measured} measured rows agree** ({len(rows) - measured} not measured). "
                   f"Each row states its rule; a note gives what was measured where a row does not agree."]
     for trend, paper_ok, ours_ok, sentence in trends:
-        verdict = "agrees" if ours_ok and paper_ok else "does not agree" if paper_ok else "cannot be checked"
+        verdict = ("cannot be checked" if ours_ok is None or paper_ok is None
+                   else "agrees" if ours_ok and paper_ok else "does not agree")
         lines += ["", f"**Trend ({trend.quantity}, {trend.order}): {verdict}.** {sentence}"]
     if calibration is not None:
         lines += ["", f"**Is the verdict rule circular?** {calibration.text}"]
