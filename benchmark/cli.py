@@ -22,6 +22,7 @@ from .leaderboard.publish import render_boards
 from .leaderboard.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxLimits
 from .leaderboard.submit import submit
 from .leaderboard.verify import verify_entries
+from .paper.experiment import is_experiment_file, load_experiment
 from .paper.session import listing, run_experiments
 from .paper.session import report as paper_report
 from .registry import LISTED
@@ -186,6 +187,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    if is_experiment_file(args.grid):  # a paper experiment: the file, then its grid at every scale
+        experiment = load_experiment(args.grid)
+        for scale in experiment.scales:
+            grid = experiment.grid(scale)
+            if not args.no_data:
+                Runner(grid, RunOptions(out_dir=Path("."), data_dir=_data_dir(args.data_dir),
+                                        disk_cache=False)).preflight()
+        print(f"experiment {experiment.name!r} is valid: {len(experiment.comparisons)} rows; scales "
+              f"{', '.join(experiment.scales)}")
+        return EXIT_OK
     grid = load_grid(args.grid)
     cells = grid.cells()
     parts = [f"{g.name}: {len(g.attacks)} attacks x {len(g.defenses)} defense settings x {len(g.datasets)} "

@@ -53,8 +53,7 @@ def test_readme_grid_examples_validate_from_a_users_own_folder(tmp_path, monkeyp
     from leakbench.cli import main
 
     text = (REPO / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```ya?ml\n(.*?)```", text, re.S)
-              if ("attacks:" in b or "include:" in b) and "comparisons:" not in b]
+    blocks = [b for b in re.findall(r"```ya?ml\n(.*?)```", text, re.S) if "attacks:" in b or "include:" in b]
     assert blocks
     monkeypatch.chdir(tmp_path)
     data = [] if os.environ.get("LEAKBENCH_DATA_DIR") else ["--no-data"]
@@ -74,6 +73,8 @@ def test_readme_paper_experiment_examples_run_from_a_users_own_folder(tmp_path, 
     monkeypatch.chdir(tmp_path)
     for i, block in enumerate(blocks):
         (tmp_path / f"experiment-{i}.yaml").write_text(block)
+        assert main(["validate", f"experiment-{i}.yaml"]) == 0, capsys.readouterr().err
+        assert "is valid" in capsys.readouterr().out
         assert main(["paper", "run", f"experiment-{i}.yaml", "--out", f"out-{i}", "--no-progress"]) == 0, \
             capsys.readouterr().err
         assert list(tmp_path.glob(f"out-{i}/*/paper.md"))

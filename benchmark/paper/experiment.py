@@ -122,6 +122,18 @@ def experiment_names(pattern: str = "*") -> list[str]:
     return sorted(n for n in _experiment_files() if fnmatch.fnmatchcase(n, pattern))
 
 
+def is_experiment_file(spec: str) -> bool:
+    """A YAML file on disk whose top level has ``comparisons`` (a grid never has)."""
+    path = Path(spec)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return False
+    try:
+        raw = safe_load_bounded(read_text_file(path, where=str(path)), where=str(path))
+    except ConfigError:
+        return False
+    return isinstance(raw, dict) and "comparisons" in raw
+
+
 def load_experiment(name: str) -> Experiment:
     """A shipped experiment by name, or an experiment file by path; validated."""
     files = _experiment_files()
