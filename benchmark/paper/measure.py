@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import bootstrap
 
 from ..scoring.intervals import leak_interval
 from .experiment import Comparison, Experiment, Ours, Trend
@@ -56,14 +57,12 @@ def matching(records: list[dict], where: dict) -> list[dict]:
 
 
 def _bootstrap(values: np.ndarray, stat: str) -> tuple[float, float]:
-    """A percentile bootstrap 95% interval of the median or mean (scipy's ``bootstrap`` would do the
-    same; this keeps the resampling seeded and cheap for lists of a few dozen values)."""
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(0)
-    draws = rng.choice(values, size=(BOOTSTRAP_RESAMPLES, len(values)), replace=True)
-    stats = np.median(draws, axis=1) if stat == "median" else draws.mean(axis=1)
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+    """A seeded percentile-bootstrap 95% interval of the median or mean (scipy's ``bootstrap``)."""
+    if len(values) < 2 or np.all(values == values[0]):
+        return (float(values[0]), float(values[0])) if len(values) else (float("nan"), float("nan"))
+    ci = bootstrap((values,), np.median if stat == "median" else np.mean, confidence_level=0.95,
+                   n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", random_state=0).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def _missing(record: dict, path: str) -> str:
