@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import ConfigError, UnknownNameError, did_you_mean
 from ..run.grid import Grid, parse_grid, read_grid_yaml, resolve_grid_path
 from ..yaml_config import deep_merge, read_text_file, safe_load_bounded
@@ -129,7 +131,7 @@ def is_experiment_file(spec: str) -> bool:
         return False
     try:
         raw = safe_load_bounded(read_text_file(path, where=str(path)), where=str(path))
-    except ConfigError:
+    except (ConfigError, yaml.YAMLError):  # not readable as YAML: the grid reader names the problem
         return False
     return isinstance(raw, dict) and "comparisons" in raw
 
