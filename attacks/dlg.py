@@ -22,6 +22,15 @@ _COMMON = (
     Param("stop_distance", float, 0.0,
           "stop once the gradient distance (visible to the attacker) falls below this; 0 runs every step",
           low=0.0),
+    # torch.optim.LBFGS's own stopping tests, exposed because they are absolute: a model whose gradient
+    # is small (a sigmoid ResNet-56's is about 15x smaller in RMS than LeNet's, so its squared distance
+    # about 200x) ends every run after a few steps at distances near 1e-5 without recovering anything
+    Param("tolerance_grad", float, 1e-7,
+          "L-BFGS ends a run once the objective's largest gradient entry is at most this (torch's default)",
+          low=0.0),
+    Param("tolerance_change", float, 1e-9,
+          "L-BFGS ends a run once the distance or the step changes by less than this (torch's default)",
+          low=0.0),
     Param("engine", str, "batched",
           "'batched': all targets of a cell in one vectorised program (same trajectories per target); "
           "'reference': one torch.optim.LBFGS run at a time", choices=("batched", "reference")),
@@ -49,6 +58,11 @@ class _GradientMatchingAttack(Attack):
     def label_method(self, task: AttackTask) -> str:
         return "optimised"
 
+    def _lbfgs_options(self) -> dict:
+        """The one-at-a-time runs' torch.optim.LBFGS settings (the engine takes the same in EngineSettings)."""
+        return dict(lr=self.lr, max_iter=self.max_iter, history_size=self.history_size,
+                    tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change)
+
     @property
     def batches_tasks(self) -> bool:
         return self.engine == "batched"
@@ -59,7 +73,8 @@ class _GradientMatchingAttack(Attack):
         settings = EngineSettings(steps=self.steps, lr=self.lr, max_iter=self.max_iter,
                                   history_size=self.history_size, stop_distance=self.stop_distance,
                                   slots=self.slots, compile=self.compile, native=self.native, restarts=self.restarts,
-                                  cyclic=self.cyclic, stall_window=self.stall_window)
+                                  cyclic=self.cyclic, stall_window=self.stall_window,
+                                  tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change)
         return solve(tasks, settings, fixed_labels=self.fixed_labels, label_method=self.label_method,
                      monitors=monitors)
 
@@ -122,7 +137,7 @@ class DLG(_GradientMatchingAttack):
         logits.requires_grad_(True)
         target = [t.detach() for t in task.shared]
         run = LBFGSRun([x, logits], lambda: gradient_distance(model, x, F.softmax(logits, -1), target),
-                       lr=self.lr, max_iter=self.max_iter, history_size=self.history_size)
+                       **self._lbfgs_options())
         steps = run_steps([run], self.steps, lambda i: 0,
                           lambda: (x.detach(), logits.detach().argmax(-1)), monitor, self.stop_distance)
         return Reconstruction(x.detach().clone(), logits.detach().argmax(-1), steps, run.closure_evals,
@@ -150,7 +165,7 @@ class IDLG(_GradientMatchingAttack):
         onehot = F.one_hot(labels, task.num_classes).float()
         target = [t.detach() for t in task.shared]
         run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target),
-                       lr=self.lr, max_iter=self.max_iter, history_size=self.history_size)
+                       **self._lbfgs_options())
         steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels), monitor,
                           self.stop_distance)
         method = "analytic" if task.batch_size == 1 else "analytic-batch-heuristic"
@@ -189,8 +204,7 @@ class BatchedDLG(_GradientMatchingAttack):
         def objective() -> torch.Tensor:
             return gradient_distance(model, torch.cat(xs), F.softmax(torch.cat(ls), -1), target)
 
-        runs = [LBFGSRun([xs[i], ls[i]], objective, lr=self.lr, max_iter=self.max_iter,
-                         history_size=self.history_size, fresh_each_step=task.batch_size > 1)
+        runs = [LBFGSRun([xs[i], ls[i]], objective, **self._lbfgs_options(), fresh_each_step=task.batch_size > 1)
                 for i in range(task.batch_size)]
         n = task.batch_size
 

@@ -32,6 +32,8 @@ class EngineSettings:
     restarts: int = 0
     stall_window: int = 0    # give up on a target whose distance did not halve in this many evaluations
     cyclic: bool = False     # dlg-batched: step i moves only sample i mod N, from a fresh L-BFGS state
+    tolerance_grad: float = 1e-7     # torch.optim.LBFGS's stopping tests (its defaults)
+    tolerance_change: float = 1e-9
 
 
 # task -> fixed one-hot labels (N, classes) for attacks that do not optimise labels, else None
@@ -135,7 +137,8 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
                              slots=st.slots, stop_loss=st.stop_distance, restarts=st.restarts,
                              fresh_each_step=mask_fn is not None, gradient_mask=mask_fn,
                              idle_limit=n if mask_fn is not None else 1, stall_window=st.stall_window,
-                             native=st.native)
+                             native=st.native, tolerance_grad=st.tolerance_grad,
+                             tolerance_change=st.tolerance_change)
     try:
         result = optimiser.minimize(objective, x0, reinit=reinit if st.restarts else None,
                                     on_step=on_step if any(m is not None for m in monitors) else None)

@@ -32,10 +32,12 @@ class LBFGSRun:
 
     def __init__(self, variables: list[torch.Tensor], objective: Callable[[], torch.Tensor], *,
                  lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
                  fresh_each_step: bool = False) -> None:
         self.variables = variables
         self.objective = objective
-        self.optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter, history_size=history_size)
+        self.optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter, history_size=history_size,
+                                           tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
         self.closure_evals = 0
         self.distance = math.inf
         self.diverged = False

@@ -165,6 +165,19 @@ def _device(name: str) -> str:
     raise ConfigError(f"--device {name!r} is invalid; allowed: cpu, cuda, cuda:N")
 
 
+def _execute_options(args) -> ExecuteOptions:
+    """The options shared by ``run`` and ``paper run`` (see ``_add_execution_args``), checked, with
+    ``--threads`` applied to this process too (a serial run computes here)."""
+    device = _device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
+        torch.set_num_threads(args.threads)
+    return ExecuteOptions(out=Path(args.out), data_dir=_data_dir(args.data_dir), device=device,
+                          workers=args.workers, threads=args.threads, executor=args.executor,
+                          ray_address=args.ray_address, force=args.force, progress=not args.no_progress)
+
+
 def cmd_run(args) -> int:
     grid = load_grid(args.grid)  # everything is validated before any file is written
     if args.seed is not None:
@@ -172,14 +185,7 @@ def cmd_run(args) -> int:
             raise ConfigError(f"--seed {args.seed} is invalid; allowed: a non-negative integer")
         for g in grid.all_grids():
             g.seeds = [args.seed]
-    device = _device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
-        torch.set_num_threads(args.threads)
-    execute(grid, ExecuteOptions(out=Path(args.out), data_dir=_data_dir(args.data_dir), device=device,
-                                 workers=args.workers, threads=args.threads, executor=args.executor,
-                                 ray_address=args.ray_address, force=args.force, progress=not args.no_progress))
+    execute(grid, _execute_options(args))
     out = Path(args.out)
     print(render(out))
     print(f"results: {out / 'results.jsonl'}; tables: {out / 'table.md'} .csv .tex; images: {out}/reconstructions_*.png")
@@ -231,15 +237,7 @@ def cmd_paper(args) -> int:
         print("\n\n".join(paper_report(Path(names[0]))))
         return EXIT_OK
     if action == "run" and names:
-        device = _device(args.device)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads {args.threads} is invalid; allowed: an integer >= 1")
-            torch.set_num_threads(args.threads)
-        folders = run_experiments(names, scale=args.scale, options=ExecuteOptions(
-            out=Path(args.out), data_dir=_data_dir(args.data_dir), device=device, workers=args.workers,
-            threads=args.threads, executor=args.executor, ray_address=args.ray_address, force=args.force,
-            progress=not args.no_progress))
+        folders = run_experiments(names, scale=args.scale, options=_execute_options(args))
         for folder in folders:
             print((folder / "paper.md").read_text())
         print("paper tables: " + ", ".join(f"{f}/paper.md .csv .tex" for f in folders))

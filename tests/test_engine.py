@@ -292,6 +292,24 @@ def test_batched_dlg_family_reproduces_the_one_at_a_time_attack_in_float64(name,
         assert b.closure_evals <= r.closure_evals  # the engine reuses torch's repeated evaluation
 
 
+@pytest.mark.parametrize("tolerances", [{"tolerance_grad": 1e9}, {"tolerance_change": 1e-2},
+                                        {"tolerance_grad": 0.0, "tolerance_change": 0.0}])
+def test_lbfgs_stopping_tolerances_reach_the_engine_and_the_reference_alike(tolerances):
+    """The attack's ``tolerance_grad``/``tolerance_change`` are torch.optim.LBFGS's: both engines stop
+    where torch would (a huge gradient tolerance ends every step at its first evaluation: nothing moves)."""
+    tasks = _tasks(torch.float64, 1)
+    params = {"steps": 4, **tolerances}
+    batched = ATTACKS.build("idlg", {**params, "slots": 2}).run(tasks)
+    reference = ATTACKS.build("idlg", {**params, "engine": "reference"}).run(tasks)
+    for b, r in zip(batched, reference):
+        assert torch.allclose(b.images, r.images, atol=1e-7, rtol=0)
+        assert b.closure_evals <= r.closure_evals
+        if tolerances.get("tolerance_grad") == 1e9:
+            assert r.closure_evals == params["steps"] and b.closure_evals <= params["steps"]
+        if tolerances.get("tolerance_grad") == 0.0:
+            assert r.closure_evals > 2 * params["steps"]  # no step ends at its first evaluation
+
+
 def test_targets_of_one_model_share_unbatched_weights_and_match_the_reference():
     from leakbench.attacks import engine
 
