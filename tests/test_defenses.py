@@ -110,3 +110,26 @@ def test_noise_has_the_requested_variance_and_distribution(name, variance):
 def test_large_batch_sets_the_victim_batch_size():
     assert DEFENSES.build("large-batch", {"batch_size": 16}).victim_batch_size(1) == 16
     assert DEFENSES.build("none").victim_batch_size(3) == 3
+
+
+@pytest.mark.parametrize("variance", [1e-4, 1e-2])
+def test_relative_distortion_reads_noise_against_the_gradient_size(variance):
+    """A record's relative distortion is |shared - clean| / |clean|: 0 for no defense, and for noise of
+    variance v about sqrt(v) / RMS(gradient), so the same variance hides more of a smaller gradient."""
+    from leakbench.scoring.update import update_distortion
+    from leakbench.threat import parameter_gradients
+
+    model = build_model("lenet-zhu", (1, 8, 8), 10, seed=0)
+    x, soft = torch.rand(1, 1, 8, 8), F.one_hot(torch.tensor([3]), 10).float()
+    clean = parameter_gradients(model, x, soft)
+    none = update_distortion(clean, DEFENSES.build("none").share(model, x, soft))
+    assert none["relative_distortion"] == 0.0 and none["gradient_rms"] > 0
+    noisy = update_distortion(clean, DEFENSES.build("gaussian-noise", {"variance": variance}).share(
+        model, x, soft, generator=torch.Generator().manual_seed(0)))
+    expected = math.sqrt(variance) / noisy["gradient_rms"]
+    assert noisy["relative_distortion"] == pytest.approx(expected, rel=0.05)
+    smaller = update_distortion([c / 10 for c in clean], [c / 10 + (s - c) for c, s in zip(
+        clean, DEFENSES.build("gaussian-noise", {"variance": variance}).share(
+            model, x, soft, generator=torch.Generator().manual_seed(0)))])
+    assert smaller["relative_distortion"] == pytest.approx(10 * noisy["relative_distortion"], rel=1e-6)
+    assert update_distortion(clean, clean[:-1])["relative_distortion"] is None  # another shape: not compared

@@ -35,6 +35,9 @@ def test_iterations_to_recover_grow_with_batch_size(tmp_path):
         # recovered no later than the attack stopped
         assert all(it is None or 1 <= it <= steps for it, steps in zip(iterations, record["per_target"]["steps"]))
         assert record["metrics"]["iterations_to_recover_median"] == censored_median(iterations)
+        # the evaluator's view of the shared update: its size, and (no defense here) nothing changed
+        assert len(record["per_target"]["gradient_rms"]) == 3 and record["metrics"]["gradient_rms_median"] > 0
+        assert record["metrics"]["relative_distortion_median"] == 0.0
     single = by_batch[1]["per_target"]["iterations_to_recover"]
     assert sum(it is not None for it in single) >= 2, single
     median = {bs: by_batch[bs]["metrics"]["iterations_to_recover_median"] for bs in by_batch}

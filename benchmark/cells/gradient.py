@@ -24,9 +24,10 @@ from ..errors import ConfigError
 from ..models import output_width
 from ..registry import ATTACKS, DEFENSES, register_cell_kind
 from ..scoring.reconstruction import censored_median, match_reconstructions, score_reconstruction
+from ..scoring.update import update_distortion
 from ..seeding import config_hash, derive_seed
 from ..storage import atomic_write_torch, computed_once
-from ..threat import AttackTask
+from ..threat import AttackTask, parameter_gradients
 from ..training import train_with_defense
 from .base import RECORD_RECONSTRUCTION, CellContext, CellKind, TableColumn, accuracy_fields, cell_identity
 
@@ -155,7 +156,9 @@ class GradientCells(CellKind):
                 self._pretrain(context, model, defense, cell, grid.threat["train_steps"], t)
             g = torch.Generator().manual_seed(derive_seed("defense", cell.seed, t, cell.defense.as_dict()))
             classes = output_width(model, data.shape)  # the attacker knows the model, so its output width
-            shared = defense.share(model, x, F.one_hot(y, classes).float(), generator=g)
+            soft = F.one_hot(y, classes).float()
+            shared = defense.share(model, x, soft, generator=g)
+            setup.distortions.append(update_distortion(parameter_gradients(model, x, soft), shared))
             setup.tasks.append(AttackTask(model=model, shared=shared, input_shape=data.shape,
                                           num_classes=classes, batch_size=batch, scale=data.scale,
                                           labels=y.clone() if grid.threat["labels_known"] else None,
@@ -195,6 +198,8 @@ class GradientCells(CellKind):
             originals.append(orig_unit)
             recons.append(recon_unit[perm])
 
+        for k in ("gradient_rms", "relative_distortion"):
+            per_target[k] = [d[k] for d in setup.distortions]
         rule = grid.verdict
         leak_flags = rule.recognisable(per_sample[rule.metric])
         leak_rate = sum(leak_flags) / len(leak_flags)
@@ -217,6 +222,8 @@ class GradientCells(CellKind):
                 "closure_evals_mean": statistics.mean(per_target["closure_evals"]),
                 "iterations_to_recover_median": censored_median(per_target["iterations_to_recover"]),
                 "diverged": sum(per_target["diverged"]),
+                "gradient_rms_median": statistics.median(per_target["gradient_rms"]),
+                "relative_distortion_median": _median_of_known(per_target["relative_distortion"]),
             },
             "per_sample": {**per_sample, "recognisable": leak_flags},
             "per_target": per_target,
@@ -269,6 +276,11 @@ class GradientCells(CellKind):
         return monitor
 
 
+def _median_of_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 @dataclass
 class _GradientSetup:
     """A gradient cell's tasks and what scoring them needs, built before the attack runs."""
@@ -281,4 +293,5 @@ class _GradientSetup:
     truths: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     monitors: list[Callable] = field(default_factory=list)
     converge_steps: list[int | None] = field(default_factory=list)
+    distortions: list[dict] = field(default_factory=list)  # per target: scoring.update.update_distortion
     seconds: float = 0.0
