@@ -86,9 +86,11 @@ class RunContext(CellContext):
     def accuracy(self, cell: Cell, *, wait: bool = True) -> dict[str, Any] | None:
         """Accuracy of training under this defense setting, cached on disk per (defense, dataset, model,
         seed, training config): it does not depend on the attack, and parallel workers compute each
-        setting once (the others wait for it; with ``wait=False`` they get None instead)."""
+        setting once (the others wait for it; with ``wait=False`` they get None instead). The trained
+        weights are kept beside it (:meth:`trained_model`), so that attacks on the finished model (model
+        inversion, membership inference) never train the setting again."""
         path = self.accuracy_cache_path(cell)
-        return computed_once(path, lambda: self.train_for_accuracy(cell),
+        return computed_once(path, lambda: self.trained_model(cell)[0],
                              read=lambda p: json.loads(p.read_text()),
                              write=lambda p, result: atomic_write_text(p, json.dumps(result, sort_keys=True)),
                              wait=wait)

@@ -83,6 +83,8 @@ def epsilon_lower_bound(true_positives: int, members: int, false_positives: int,
 def dp_tpr_bound(epsilon: float, delta: float, fpr: float) -> float:
     """The highest TPR at ``fpr`` that any test can reach against an (epsilon, delta)-DP mechanism
     (the hypothesis-testing view of DP, Kairouz et al. 2015)."""
+    if epsilon > 50:  # e^50 x any FPR the scores can show is far above 1 (and e^710 overflows)
+        return 1.0
     return float(min(1.0, math.exp(epsilon) * fpr + delta, 1 - math.exp(-epsilon) * (1 - delta - fpr)))
 
 
