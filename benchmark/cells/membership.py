@@ -87,7 +87,8 @@ class MembershipCells(CellKind):
             metrics["reference_accuracy_mean"] = round(float(np.mean([r["accuracy"] for r in reference_results])), 4)
         return {
             **cell_identity(cell, defense),
-            "targets": metrics["members"] + metrics["nonmembers"],
+            # the leak rate (TPR) is a rate over the members: its interval on a board is over them
+            "targets": metrics["members"],
             "threat": {"setting": "membership", "shared": "the trained model (black box: its outputs)",
                        "members_from": "the records the accuracy run trained on",
                        "nonmembers_from": "the held-out split the accuracy run tests on",
