@@ -5,5 +5,6 @@ from . import gan  # noqa: F401  (registers gan-active, gan-passive)
 from . import model_inversion  # noqa: F401  (registers model-inversion)
 from . import adaptive  # noqa: F401  (registers dlg-adaptive, idlg-adaptive)
 from . import dlg_text  # noqa: F401  (registers dlg-text)
+from . import membership  # noqa: F401  (registers membership-loss, membership-lira)
 
 __all__ = ["Attack"]

@@ -74,8 +74,7 @@ class ImageData:
         one (None keeps all). The accuracy runs cap training data randomly and test data by position."""
         if size is None or size >= len(self):
             return self
-        index = torch.arange(size) if generator is None else torch.randperm(len(self), generator=generator)[:size]
-        return self.subset(index)
+        return self.subset(capped_index(len(self), size, generator=generator))
 
     def held_out(self, fraction: float, *, seed: int = 0) -> tuple["ImageData", "ImageData"]:
         """(the rest, a held-out ``fraction``): disjoint, drawn by a seeded permutation."""
@@ -90,6 +89,15 @@ class ImageData:
     def from_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Map [0, 1] images to this data's scale (the inverse of :meth:`to_unit`)."""
         return x * 2 - 1 if self.scale == "[-1,1]" else x
+
+
+def capped_index(length: int, size: int | None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The positions :meth:`ImageData.capped` keeps of ``length`` samples (all when ``size`` is None or not
+    smaller), drawing from ``generator`` exactly as it does: what membership inference needs to know of an
+    accuracy run, which records it trained on."""
+    if size is None or size >= length:
+        return torch.arange(length)
+    return torch.arange(size) if generator is None else torch.randperm(length, generator=generator)[:size]
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:

@@ -39,6 +39,11 @@ def att_faces_dir() -> str:
     return mirror_dir("att-faces")
 
 
+@pytest.fixture(scope="session")
+def cifar10_dir() -> str:
+    return mirror_dir("cifar10")
+
+
 @pytest.fixture
 def cifar100_dir() -> str:
     return mirror_dir("cifar100")

@@ -61,6 +61,10 @@ GRID_CASES = [
     ("not-utf8", b"name: caf\xe9\n", [], r"not a text file"),
     ("top-level-list", "- dlg\n- none\n", [], r"the top level must be a mapping"),
     ("unknown-key", "include: quick\ntargetz: 2\n", [], r"unknown key 'targetz'. Did you mean 'targets'\?"),
+    # offline LiRA's reference models need training records the attacked model did not use
+    ("lira-without-population", "include: quick\nattacks: [membership-lira]\nsubgrids: []\n", [],
+     r"accuracy.train_size = None leaves no population for the reference models of membership-lira on digits.*"
+     r"allowed: a train_size of at most a third"),
 ]
 
 

@@ -183,6 +183,23 @@ def test_board_ranks_by_record_reconstruction_and_can_rank_by_each_threat_model(
     assert dict((e.name, r) for e, r in standings([*board, only_records], CLASS_REPRESENTATIVES))["only-records"] == "–"
 
 
+def test_membership_has_its_own_worst_case_column_and_never_decides_the_default_rank(tmp_path):
+    """Membership inference (issue 19) is a harm of its own: its worst case is shown apart, and an entry
+    that leaks membership but no record is still ranked by its record reconstruction."""
+    from leakbench.leaderboard.publish import render_boards
+
+    records_safe = as_entry(entry("records-safe", 0.9, {"dlg": 0.0, "membership-lira": 0.9}, targets=16))
+    records_leak = as_entry(entry("records-leak", 0.9, {"dlg": 0.5, "membership-lira": 0.0}, targets=16))
+    assert [e.name for e in rank([records_leak, records_safe])] == ["records-safe", "records-leak"]
+    assert ranked_leak(records_safe).attack == "dlg"
+    fx.write_entry(tmp_path, fx.make_entry("mixed", 0.9, {"dlg": 0.5, "membership-lira": 0.09}))
+    render_boards(tmp_path)
+    board = (tmp_path / "README.md").read_text()
+    header = next(line for line in board.splitlines() if line.startswith("| #"))
+    row = next(line for line in board.splitlines() if "[mixed]" in line)
+    assert "worst, membership" in header and "(membership-lira)" in row
+
+
 def test_an_entry_whose_training_diverged_in_any_part_is_flagged_not_ranked():
     diverged = entry("fake", 0.95, {"dlg": 0.0}, targets=16)
     parts = [{"part": "main", "accuracy": 0.95, "baseline": 0.95, "floor": 0.475, "diverged": False},

@@ -30,7 +30,7 @@ def test_every_kind_states_what_tables_boards_and_schedules_read(name, quick_cel
     kind = CELL_KINDS.get(name)()
     assert isinstance(kind, CellKind)
     assert isinstance(kind.threat_model, str) and kind.threat_model
-    assert all(isinstance(c, TableColumn) and c.style in ("percent", "decibel") for c in kind.columns)
+    assert all(isinstance(c, TableColumn) and c.style in ("percent", "decibel", "number") for c in kind.columns)
     assert len({c.label for c in kind.columns}) == len(kind.columns)
     assert all(isinstance(m, str) and isinstance(d, int) for m, d in kind.board_scores)
     runs = [a for a in ATTACKS.list() if ATTACKS.get(a).setting == name]

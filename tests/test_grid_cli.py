@@ -42,7 +42,9 @@ def test_quick_covers_every_attack_and_every_defense_family():
     # adaptive attacks (leaderboard protocol) read the defense's parameters; the quick grid runs the fixed ones
     gradient_attacks = {n for n in list_attacks() if ATTACKS.get(n).setting == "gradient"
                         and not getattr(ATTACKS.get(n), "adaptive", False)}
-    assert {a.name for a in grid.attacks} == gradient_attacks
+    assert {a.name for a in grid.attacks if ATTACKS.get(a.name).setting == "gradient"} == gradient_attacks
+    # and the loss-threshold membership attack on each defense's trained model (no extra training)
+    assert {a.name for a in grid.attacks} - gradient_attacks == {"membership-loss"}
     gradient_defenses = {n for n in list_defenses() if DEFENSES.get(n).family in
                          {"baseline", "noise", "sparsification", "quantization", "large-batch"}}
     assert gradient_defenses <= {d.name for d in grid.defenses}

@@ -38,9 +38,11 @@ if TYPE_CHECKING:  # pragma: no cover  (types only: the grid imports this module
     from ..run.grid import Cell, ComponentSpec, Grid
 
 # What a kind's records measure, so that boards and tables never mix harms: a private record
-# reconstructed from what its owner shared, or a representative of a class the attacker was not given.
+# reconstructed from what its owner shared, a representative of a class the attacker was not given, or
+# the fact that a record was in the training set.
 RECORD_RECONSTRUCTION = "record reconstruction"
 CLASS_REPRESENTATIVES = "class representatives"
+MEMBERSHIP = "membership"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,17 @@ class TableColumn:
     metric: str
     pool: str = "mean"
     style: str = "percent"
+
+
+@dataclass(frozen=True)
+class MembershipSplits:
+    """What membership inference on an accuracy run's model draws from: the records it trained on, held-out
+    records it never saw, and a population split disjoint from both (twice the training records, or empty
+    when the training split is too small) on whose random halves reference models train."""
+
+    trained_on: "ImageData"
+    held_out: "ImageData"
+    population: "ImageData"
 
 
 class CellContext(ABC):
@@ -88,6 +101,15 @@ class CellContext(ABC):
     @abstractmethod
     def trained_model(self, cell: "Cell") -> tuple[dict[str, Any], torch.nn.Module]:
         """(the accuracy run's result, the model it trained under the cell's defense)."""
+
+    @abstractmethod
+    def membership_splits(self, cell: "Cell") -> MembershipSplits:
+        """The records the cell's accuracy run trained on, its held-out records and a population split."""
+
+    @abstractmethod
+    def reference_models(self, cell: "Cell", count: int) -> tuple[list[torch.nn.Module], list[dict[str, Any]]]:
+        """(``count`` reference models trained without a defense on random halves of the population split,
+        their training results), cached and shared like accuracy runs."""
 
     @abstractmethod
     def save_samples(self, key: str, originals: torch.Tensor, produced: torch.Tensor) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cells.base import CLASS_REPRESENTATIVES, RECORD_RECONSTRUCTION, kind_of_attack
+from ..cells.base import CLASS_REPRESENTATIVES, MEMBERSHIP, RECORD_RECONSTRUCTION, kind_of_attack
 from ..registry import ATTACKS, CELL_KINDS
 from ..scoring.intervals import leak_interval
 from .schema import Entry
 
-# the harms a board reports apart (the kinds of cell state theirs), in the order of its columns
-THREAT_MODELS = (RECORD_RECONSTRUCTION, CLASS_REPRESENTATIVES)
+# the harms a board reports apart (the kinds of cell state theirs), in the order of its columns; a
+# membership leak rate is a TPR at 1% FPR, so it gets a column of its own and never a rank of its own
+THREAT_MODELS = (RECORD_RECONSTRUCTION, CLASS_REPRESENTATIVES, MEMBERSHIP)
 OVERALL = "overall"
 # what a board can be ranked by; the first is the default: reconstructing a participant's own record
 # from what it shares is the harm every protocol attack of the DLG family measures, and the one a

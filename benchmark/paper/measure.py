@@ -7,13 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
-
-from ..scoring.intervals import leak_interval
+from ..scoring.intervals import bootstrap_interval, leak_interval
 from .experiment import Comparison, Experiment, Ours, Trend
-
-BOOTSTRAP_RESAMPLES = 2000
-
 
 @dataclass
 class Row:
@@ -58,11 +53,7 @@ def matching(records: list[dict], where: dict) -> list[dict]:
 
 def _bootstrap(values: np.ndarray, stat: str) -> tuple[float, float]:
     """A seeded percentile-bootstrap 95% interval of the median or mean (scipy's ``bootstrap``)."""
-    if len(values) < 2 or np.all(values == values[0]):
-        return (float(values[0]), float(values[0])) if len(values) else (float("nan"), float("nan"))
-    ci = bootstrap((values,), np.median if stat == "median" else np.mean, confidence_level=0.95,
-                   n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", random_state=0).confidence_interval
-    return float(ci.low), float(ci.high)
+    return bootstrap_interval((values,), np.median if stat == "median" else np.mean)
 
 
 def _missing(record: dict, path: str) -> str:

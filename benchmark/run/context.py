@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..cells.base import CellContext
-from ..data import ImageData, resolve_data_dir
+from ..cells.base import CellContext, MembershipSplits
+from ..data import ImageData, capped_index, resolve_data_dir
 from ..registry import DATASETS, DEFENSES, MODELS
 from ..seeding import config_hash, derive_seed
 from ..storage import atomic_write_bytes, atomic_write_text, atomic_write_torch, computed_once
+from ..training import train_with_defense
 from .grid import Cell, ComponentSpec
 
 
@@ -84,18 +86,24 @@ class RunContext(CellContext):
     def accuracy(self, cell: Cell, *, wait: bool = True) -> dict[str, Any] | None:
         """Accuracy of training under this defense setting, cached on disk per (defense, dataset, model,
         seed, training config): it does not depend on the attack, and parallel workers compute each
-        setting once (the others wait for it; with ``wait=False`` they get None instead)."""
+        setting once (the others wait for it; with ``wait=False`` they get None instead). The trained
+        weights are kept beside it (:meth:`trained_model`), so that attacks on the finished model (model
+        inversion, membership inference) never train the setting again."""
         path = self.accuracy_cache_path(cell)
-        return computed_once(path, lambda: self.train_for_accuracy(cell),
+        return computed_once(path, lambda: self.trained_model(cell)[0],
                              read=lambda p: json.loads(p.read_text()),
                              write=lambda p, result: atomic_write_text(p, json.dumps(result, sort_keys=True)),
                              wait=wait)
 
-    def train_for_accuracy(self, cell: Cell, model: torch.nn.Module | None = None) -> dict[str, Any]:
-        """``model``: a fresh model from :meth:`accuracy_model` to train (and leave trained); default a new one."""
+    def accuracy_splits(self, cell: Cell) -> tuple[ImageData, ImageData]:
+        """(the data the accuracy run draws its training records from, the held-out data it tests on)."""
         train = self.dataset(cell.dataset, "train")
         fraction = cell.grid.accuracy.holdout_fraction
-        train, test = train.held_out(fraction) if fraction else (train, self.dataset(cell.dataset, "test"))
+        return train.held_out(fraction) if fraction else (train, self.dataset(cell.dataset, "test"))
+
+    def train_for_accuracy(self, cell: Cell, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """``model``: a fresh model from :meth:`accuracy_model` to train (and leave trained); default a new one."""
+        train, test = self.accuracy_splits(cell)
         defense = DEFENSES.build(cell.defense.name, cell.defense.params)
         seed = derive_seed("accuracy", cell.seed)
         model = model if model is not None else self.accuracy_model(cell)
@@ -125,6 +133,53 @@ class RunContext(CellContext):
         model = self.accuracy_model(cell)
         model.load_state_dict(entry["state"])
         return entry["accuracy"], model
+
+    def membership_splits(self, cell: Cell) -> MembershipSplits:
+        trained_from, held_out = self.accuracy_splits(cell)
+        config = cell.grid.accuracy
+        # the accuracy run caps its training data with the first draw of its seeded generator
+        # (training.train_with_defense and the protocol defenses alike)
+        trained = capped_index(len(trained_from), config.train_size,
+                               generator=torch.Generator().manual_seed(derive_seed("accuracy", cell.seed)))
+        unused = torch.ones(len(trained_from), dtype=torch.bool)
+        unused[trained] = False
+        spare = torch.nonzero(unused).flatten()
+        spare = spare[torch.randperm(len(spare), generator=torch.Generator().manual_seed(
+            derive_seed("population", cell.seed)))]
+        population = spare[:2 * len(trained)] if len(spare) >= 2 * len(trained) else spare[:0]
+        return MembershipSplits(trained_on=trained_from.subset(trained), held_out=held_out,
+                                population=trained_from.subset(population))
+
+    def reference_models(self, cell: Cell, count: int) -> tuple[list[torch.nn.Module], list[dict[str, Any]]]:
+        """``count`` reference models, each trained without a defense (the accuracy run's recipe otherwise)
+        on a seeded random half of the population split; each cached on disk under its own key (a grid
+        asking for 8 reuses the first 4 of another), shared by every defense setting of the cell's
+        dataset, model, training config and seed, and computed once across workers."""
+        splits = self.membership_splits(cell)
+        _, held_out = self.accuracy_splits(cell)
+        config = replace(cell.grid.accuracy, train_size=None)
+        models, results = [], []
+        for index in range(count):
+            key_obj = {"reference": index, "dataset": cell.dataset.as_dict(), "model": cell.model.as_dict(),
+                       "seed": cell.seed, "accuracy": cell.grid.accuracy.as_dict(), "data_dir": self.data_key}
+            seed = derive_seed("reference", cell.seed, index)
+
+            def compute(seed: int = seed) -> dict[str, Any]:
+                half = torch.randperm(len(splits.population), generator=torch.Generator().manual_seed(seed))
+                half = half[:len(splits.population) // 2]
+                model = self.make_model(cell, splits.population, seed, **cell.grid.accuracy.model_params)
+                torch.manual_seed(seed)
+                result = train_with_defense(model, DEFENSES.build("none"), splits.population.subset(half),
+                                            held_out, config, seed=seed)
+                return {"accuracy": result, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+            entry = computed_once(self.cache_dir / "reference" / f"{config_hash(key_obj)}.pt", compute,
+                                  read=lambda p: torch.load(p, weights_only=True), write=atomic_write_torch)
+            model = self.make_model(cell, splits.population, seed, **cell.grid.accuracy.model_params)
+            model.load_state_dict(entry["state"])
+            models.append(model)
+            results.append(entry["accuracy"])
+        return models, results
 
     def accuracy_cache_path(self, cell: Cell) -> Path:
         key_obj = {"defense": cell.defense.as_dict(), "dataset": cell.dataset.as_dict(),

@@ -157,9 +157,44 @@ def tradeoff_plots(out: Path, summary) -> list[Path]:
         axes[0][0].set_ylabel("accuracy (%)", fontsize=8)
         axes[0][-1].legend(fontsize=7, loc="best")
         fig.suptitle(f"accuracy vs leak rate: {dataset} / {model}", fontsize=9)
-        fig.tight_layout()
-        path = out / f"tradeoff_{dataset}_{model}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_saved(fig, out / f"tradeoff_{dataset}_{model}.png"))
+    return written
+
+
+def _saved(fig, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def roc_plots(out: Path, records: list[dict]) -> list[Path]:
+    """One PNG per (attack, dataset, model) of membership records, ``roc_<attack>_<dataset>_<model>.png``:
+    the ROC curve on log-log axes (Carlini et al. 2022, Fig. 1), one curve per defense setting (the block's
+    first seed), its TPR at 1% FPR in the legend, and the chance diagonal."""
+    written = []
+    with_roc = [r for r in records if r.get("roc")]
+    for attack, dataset, model in dict.fromkeys((r["attack"], r["dataset"], r["model"]) for r in with_roc):
+        rows = [r for r in with_roc if (r["attack"], r["dataset"], r["model"]) == (attack, dataset, model)]
+        rows = [r for r in rows if r["seed"] == rows[0]["seed"]]
+        fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
+        floor = 1.0 / max(2, max(r["metrics"].get("nonmembers", 2) for r in rows))
+        ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=0.8, label="chance")
+        for r in rows:
+            fpr, tpr = np.asarray(r["roc"]["fpr"]), np.asarray(r["roc"]["tpr"])
+            ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2), linewidth=1,
+                    label=f"{r['defense_label']} ({100 * r['metrics']['leak_rate']:.1f}%)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(floor / 2, 1)
+        ax.set_ylim(floor / 2, 1)
+        ax.axvline(0.01, color="grey", linewidth=0.5)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate")
+        ax.xaxis.label.set_fontsize(8)
+        ax.yaxis.label.set_fontsize(8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower right", title="defense (TPR at 1% FPR)", title_fontsize=6)
+        ax.set_title(f"{attack} on {dataset} / {model} (seed {rows[0]['seed']})", fontsize=8)
+        written.append(_saved(fig, out / f"roc_{attack}_{dataset}_{model}.png"))
     return written

@@ -16,7 +16,7 @@ from ..registry import CELL_KINDS
 from ..scoring.class_leak import describe_controls
 from ..scoring.reconstruction import censored_median
 from ..storage import atomic_write_text
-from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples, tradeoff_plots
+from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples, roc_plots, tradeoff_plots
 from .results import ResultsStore, missing_field
 
 
@@ -27,8 +27,10 @@ def kind_columns(setting: str) -> tuple[TableColumn, ...]:
 
 
 def _formatted(value, style: str) -> str:
-    if style == "decibel":
-        return "–" if value is None or math.isnan(value) else f"{value:.1f}"
+    if style in ("decibel", "number"):
+        if value is None or math.isnan(value):
+            return "–"
+        return f"{value:.1f}" if style == "decibel" else f"{value:.3g}"
     return _pct(value)
 
 
@@ -217,6 +219,11 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
               f"model acc = the global model's accuracy at the end of the attacked protocol run (model "
               f"inversion: the attacked model's accuracy). {DEFENDED} defends, {LEAKS} leaks, {NO_VERDICT} no "
               f"verdict: the attack does not leak even against `none` here, so it cannot rate a defense.\n")
+    if any(r.get("roc") for r in records):
+        legend += ("\nMembership inference (membership-*): leak = TPR at 1% FPR of members (records the model trained "
+                   "on) against as many held-out non-members; AUC; TPR@0.1% = TPR at 0.1% FPR; eps lower bound = the "
+                   "epsilon that the attack's (TPR, FPR) at 1% FPR proves at least (Clopper-Pearson 95%), beside the "
+                   "defense's epsilon where it has one. ROC curves: roc_<attack>_<dataset>_<model>.png.\n")
     summary = summary_frame(records)
     notes = verdict_notes(records, summary)
     if notes:
@@ -230,7 +237,9 @@ def render(out_dir: str | Path, *, images: bool = True) -> str:
     if images:
         written = set(render_samples(out, records, verdict_marks(records, summary)))
         written |= set(tradeoff_plots(out, summary))
-        earlier = {*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md"), *out.glob("tradeoff_*.png")}
+        written |= set(roc_plots(out, records))
+        earlier = {*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md"), *out.glob("tradeoff_*.png"),
+                   *out.glob("roc_*.png")}
         for stale in earlier - written:  # figures of an earlier rendering
             stale.unlink()
     return md + "\n" + legend

@@ -104,7 +104,7 @@ class Runner:
                               f"the same grid (to resume it), another --out, or --force to start the folder afresh")
         for stale in ("results.jsonl", "grid.json", "table.md", "table.csv", "table.tex", "summary.csv"):
             (out / stale).unlink(missing_ok=True)
-        for figure in [*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md")]:
+        for figure in [*out.glob("reconstructions_*.png"), *out.glob("reconstructions_*.md"), *out.glob("roc_*.png")]:
             figure.unlink()
         shutil.rmtree(out / "reconstructions", ignore_errors=True)
 
