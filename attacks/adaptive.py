@@ -142,8 +142,9 @@ class AdaptiveInvertingGradients(InvertingGradients):
 
     adaptive: ClassVar[bool] = True
     params = tuple(Param("restarts", int, 2, p.help, low=1, high=64) if p.name == "restarts" else p
-                   for p in InvertingGradients.params if p.name not in ("engine", "slots"))
+                   for p in InvertingGradients.params if p.name not in ("engine", "slots", "compile"))
     engine = "reference"
+    compile = False
 
     def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
         space = task.attacker_map or IDENTITY_MAP

@@ -74,6 +74,7 @@ class InvertingGradients(Attack):
               "'batched': every target and restart of a cell in one vectorised program; "
               "'reference': one torch.optim.Adam run at a time", choices=("batched", "reference")),
         Param("slots", int, 64, "batched engine: instances advanced together", low=1),
+        Param("compile", bool, False, "batched engine: torch.compile the objective (pays off on long runs)"),
     )
 
     @property
@@ -180,7 +181,7 @@ class InvertingGradients(Attack):
         x0 = x0.to(weight.device, weight.dtype)
         with evaluating(tasks):
             objective = build_objective(instances, [lab for lab, _ in labelled for _ in range(r)],
-                                        distance="cosine", tv=self.tv)
+                                        compile=self.compile, distance="cosine", tv=self.tv)
 
             def on_step(inst: int, step: int, row: torch.Tensor) -> None:
                 task_index, restart = divmod(inst, r)
