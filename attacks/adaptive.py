@@ -27,26 +27,12 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..params import Param
 from ..registry import register_attack
-from ..threat import IDENTITY_MAP, AttackerMap, AttackTask, Monitor, Reconstruction, soft_cross_entropy
+from ..threat import IDENTITY_MAP, AttackTask, Monitor, Reconstruction
 from .base import Attack
 from .dlg import analytic_labels, attacker_model, dummy_inputs
-from .gradient_matching import LBFGSRun, run_steps
-
-
-def matched_distance(model: torch.nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
-                     target: list[torch.Tensor], space: AttackerMap, *, cosine: bool = False,
-                     create_graph: bool = True) -> torch.Tensor:
-    """DLG's eq. 4 after mapping the dummy gradient into the defense's output space; with ``cosine``,
-    1 - the cosine similarity of the two whole updates instead (Geiping et al. 2020's scale-invariant
-    distance: a defense that rescales the update, by a known or unknown factor, cannot hide behind it)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(soft_cross_entropy(model(dummy_x), soft_labels), params, create_graph=create_graph)
-    mapped = space.apply(list(grads))
-    if not cosine:
-        return sum(((g - t) ** 2).sum() for g, t in zip(mapped, target))
-    dot = sum((g * t).sum() for g, t in zip(mapped, target))
-    norms = torch.sqrt(sum((g ** 2).sum() for g in mapped)) * torch.sqrt(sum((t ** 2).sum() for t in target))
-    return 1 - dot / norms.clamp_min(1e-30)
+from .engine import restart_seed
+from .gradient_matching import LBFGSRun, matched_distance, run_steps
+from .inverting_gradients import InvertingGradients
 
 
 class _Adaptive(Attack):
@@ -91,7 +77,7 @@ class _Adaptive(Attack):
             runs.append((self.restarts, self.lr_sweep[0], True))
         for restart, lr, cosine in runs:
             # the same dummy for every step size of one restart, a new one per restart
-            g = torch.Generator().manual_seed((task.seed * 1_000_003 + restart) % 2**31)
+            g = torch.Generator().manual_seed(restart_seed(task.seed, restart))
             x, logits = dummy_inputs(task, g)
             x.requires_grad_(True)
             if fixed_labels is None:
@@ -144,3 +130,24 @@ class AdaptiveIDLG(_Adaptive):
 
     def _labels(self, task: AttackTask) -> torch.Tensor:
         return analytic_labels(task)
+
+
+@register_attack("inverting-gradients-adaptive")
+class AdaptiveInvertingGradients(InvertingGradients):
+    """Inverting Gradients matching in the defense's output space: its cosine distance is taken between
+    the shared update and the dummy update mapped through ``Defense.attacker_map`` (rescaling is already
+    invisible to it; pruning masks and rounding are replayed), one start at a time (a replayed map may
+    run in the submission sandbox, outside any vectorised program). Defaults as ``inverting-gradients``
+    but 2 restarts, as the other adaptive attacks."""
+
+    adaptive: ClassVar[bool] = True
+    params = tuple(Param("restarts", int, 2, p.help, low=1, high=64) if p.name == "restarts" else p
+                   for p in InvertingGradients.params if p.name not in ("engine", "slots", "compile"))
+    engine = "reference"
+    compile = False
+
+    def run_one(self, task: AttackTask, *, monitor: Monitor | None = None) -> Reconstruction:
+        space = task.attacker_map or IDENTITY_MAP
+        rec = self.invert_one(task, space, monitor=monitor, engine="reference")
+        rec.extra["adapted_to"] = space.name
+        return rec

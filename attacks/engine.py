@@ -8,6 +8,7 @@ is unchanged; only the cost is.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,7 +41,8 @@ class EngineSettings:
 LabelRule = Callable[[AttackTask], torch.Tensor | None]
 
 
-def _group_key(task: AttackTask) -> tuple:
+def group_key(task: AttackTask) -> tuple:
+    """Tasks with equal keys (architecture, shapes, device) can be instances of one objective."""
     model = task.model
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
     device = next(model.parameters()).device
@@ -54,12 +56,17 @@ def _same_weights(models: list[torch.nn.Module]) -> bool:
                for m in models[1:])
 
 
-def _initial_row(task: AttackTask, seed: int, with_logits: bool) -> torch.Tensor:
+def initial_row(task: AttackTask, seed: int, with_logits: bool) -> torch.Tensor:
     """Algorithm 1, line 2, drawn exactly as the one-at-a-time attack draws it (x, then logits)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((task.batch_size, *task.input_shape), generator=g)
     logits = torch.randn(task.batch_size, task.num_classes, generator=g)
     return torch.cat([x.flatten(), logits.flatten()]) if with_logits else x.flatten()
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The seed of an instance's fresh start number ``restart`` (the same in every engine)."""
+    return (seed * 1_000_003 + restart) & 0x7FFFFFFF
 
 
 def solve(tasks: Sequence[AttackTask], settings: EngineSettings, *, fixed_labels: LabelRule,
@@ -70,7 +77,7 @@ def solve(tasks: Sequence[AttackTask], settings: EngineSettings, *, fixed_labels
     out: list[Reconstruction | None] = [None] * len(tasks)
     groups: dict[tuple, list[int]] = {}
     for i, task in enumerate(tasks):
-        groups.setdefault(_group_key(task), []).append(i)
+        groups.setdefault(group_key(task), []).append(i)
     for members in groups.values():
         for i, rec in zip(members, _solve_group([tasks[i] for i in members], settings, fixed_labels,
                                                 label_method, [monitors[i] for i in members])):
@@ -78,8 +85,11 @@ def solve(tasks: Sequence[AttackTask], settings: EngineSettings, *, fixed_labels
     return out  # type: ignore[return-value]
 
 
-def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: LabelRule,
-                 label_method: Callable[[AttackTask], str], monitors: list[Monitor | None]) -> list[Reconstruction]:
+def build_objective(tasks: Sequence[AttackTask], labels: Sequence[torch.Tensor | None], *, compile: bool = False,
+                    distance: str = "l2", tv: float = 0.0) -> BatchedGradientMatching:
+    """The objective whose instance i attacks ``tasks[i]`` (one group: same architecture and shapes), with
+    fixed labels ``labels[i]`` (class indices) or, when they are None, label logits optimised too. The
+    tasks' models must be in eval mode while it runs (``evaluating``)."""
     first = tasks[0]
     model = first.model
     device = next(model.parameters()).device
@@ -95,18 +105,46 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
         buffers = {n: torch.stack([dict(t.model.named_buffers())[n] for t in tasks])
                    for n, _ in model.named_buffers()}
     targets = [torch.stack([t.shared[j].detach().to(device) for t in tasks]) for j in range(len(names))]
-    labels = [fixed_labels(t) for t in tasks]
     onehot = None
     if labels[0] is not None:
         onehot = torch.stack([F.one_hot(lab.to(device), first.num_classes).to(params[names[0]].dtype)
                               for lab in labels])
+    return BatchedGradientMatching(model, params, buffers, targets, input_shape=first.input_shape,
+                                   batch_size=first.batch_size, num_classes=first.num_classes, onehot=onehot,
+                                   compile=compile, shared_weights=shared_weights, distance=distance, tv=tv)
+
+
+@contextmanager
+def evaluating(tasks: Sequence[AttackTask]):
+    """The tasks' models in eval mode meanwhile (functional_call runs the template module: the attacker
+    evaluates in eval mode), their own modes restored afterwards."""
     was_training = [t.model.training for t in tasks]
-    model.eval()  # functional_call runs the template module: the attacker evaluates in eval mode
-    objective = BatchedGradientMatching(model, params, buffers, targets, input_shape=first.input_shape,
-                                        batch_size=first.batch_size, num_classes=first.num_classes,
-                                        onehot=onehot, compile=st.compile, shared_weights=shared_weights)
+    for t in tasks:
+        t.model.eval()
+    try:
+        yield
+    finally:
+        for t, mode in zip(tasks, was_training):
+            t.model.train(mode)
+
+
+def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: LabelRule,
+                 label_method: Callable[[AttackTask], str], monitors: list[Monitor | None]) -> list[Reconstruction]:
+    with evaluating(tasks):
+        return _solve_group_in_eval_mode(tasks, st, fixed_labels, label_method, monitors)
+
+
+def _solve_group_in_eval_mode(tasks: list[AttackTask], st: EngineSettings, fixed_labels: LabelRule,
+                              label_method: Callable[[AttackTask], str], monitors: list[Monitor | None]
+                              ) -> list[Reconstruction]:
+    first = tasks[0]
+    labels = [fixed_labels(t) for t in tasks]
+    objective = build_objective(tasks, labels, compile=st.compile)
+    onehot = objective.onehot
+    device = next(first.model.parameters()).device
+    dtype = next(first.model.parameters()).dtype
     with_logits = onehot is None
-    x0 = torch.stack([_initial_row(t, t.seed, with_logits) for t in tasks]).to(device, params[names[0]].dtype)
+    x0 = torch.stack([initial_row(t, t.seed, with_logits) for t in tasks]).to(device, dtype)
 
     mask_fn = None
     n = first.batch_size
@@ -124,8 +162,7 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
         mask_fn = lambda step_count: per_sample[step_count % n]  # noqa: E731
 
     def reinit(inst: int, restart: int) -> torch.Tensor:
-        seed = (tasks[inst].seed * 1_000_003 + restart) & 0x7FFFFFFF
-        return _initial_row(tasks[inst], seed, with_logits).to(device, x0.dtype)
+        return initial_row(tasks[inst], restart_seed(tasks[inst].seed, restart), with_logits).to(device, x0.dtype)
 
     def on_step(inst: int, step: int, row: torch.Tensor) -> None:
         if monitors[inst] is not None:
@@ -139,12 +176,8 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
                              idle_limit=n if mask_fn is not None else 1, stall_window=st.stall_window,
                              native=st.native, tolerance_grad=st.tolerance_grad,
                              tolerance_change=st.tolerance_change)
-    try:
-        result = optimiser.minimize(objective, x0, reinit=reinit if st.restarts else None,
-                                    on_step=on_step if any(m is not None for m in monitors) else None)
-    finally:
-        for t, mode in zip(tasks, was_training):
-            t.model.train(mode)
+    result = optimiser.minimize(objective, x0, reinit=reinit if st.restarts else None,
+                                on_step=on_step if any(m is not None for m in monitors) else None)
     images, logits = objective.split(result.x)
     recs = []
     for i, task in enumerate(tasks):

@@ -1,4 +1,5 @@
-"""The gradient-matching objective shared by the DLG family, and the L-BFGS loop that minimises it."""
+"""The gradient-matching objectives shared by the DLG family and Inverting Gradients (the squared
+distance, the cosine distance, the total-variation prior), and the L-BFGS loop that minimises them."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..threat import Monitor, soft_cross_entropy
+from ..threat import AttackerMap, Monitor, soft_cross_entropy
 
 
 def gradient_distance(model: nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
@@ -23,6 +24,35 @@ def gradient_distance(model: nn.Module, dummy_x: torch.Tensor, soft_labels: torc
     loss = soft_cross_entropy(model(dummy_x), soft_labels)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     return sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
+
+
+def cosine_distance(update: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1 - the cosine similarity of two whole updates, every tensor flattened into one vector (Geiping et
+    al. 2020, eq. 4): invariant to the update's scale, so a rescaled update cannot hide behind it."""
+    dot = sum((g * t).sum() for g, t in zip(update, target))
+    norms = torch.sqrt(sum((g ** 2).sum() for g in update)) * torch.sqrt(sum((t ** 2).sum() for t in target))
+    return 1 - dot / norms.clamp_min(1e-30)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation of images (..., H, W): mean |horizontal difference| + mean |vertical
+    difference|, the prior of Inverting Gradients as its reference code (inversefed) defines it."""
+    return ((x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+            + (x[..., 1:, :] - x[..., :-1, :]).abs().mean())
+
+
+def matched_distance(model: torch.nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
+                     target: list[torch.Tensor], space: AttackerMap, *, cosine: bool = False,
+                     create_graph: bool = True) -> torch.Tensor:
+    """DLG's eq. 4 after mapping the dummy gradient into the defense's output space; with ``cosine``,
+    1 - the cosine similarity of the two whole updates instead (Geiping et al. 2020's scale-invariant
+    distance: a defense that rescales the update, by a known or unknown factor, cannot hide behind it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(soft_cross_entropy(model(dummy_x), soft_labels), params, create_graph=create_graph)
+    mapped = space.apply(list(grads))
+    if not cosine:
+        return sum(((g - t) ** 2).sum() for g, t in zip(mapped, target))
+    return cosine_distance(mapped, target)
 
 
 class LBFGSRun:
@@ -149,12 +179,16 @@ class BatchedGradientMatching:
     and its gradient w.r.t. the row (``grad_and_value``), all under one ``vmap``: one forward/backward
     over every running instance instead of one small program per instance. The same function is what
     ``torch.compile`` can compile (the double-backward of the eager autograd path cannot be).
+
+    ``distance`` is DLG's squared distance (``"l2"``) or Inverting Gradients' cosine distance
+    (``"cosine"``); ``tv`` adds that weight times the total variation of the dummy images (the
+    attack's prior). ``scores`` gives the distance alone, without the prior.
     """
 
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                  targets: list[torch.Tensor], *, input_shape: tuple[int, ...], batch_size: int,
                  num_classes: int, onehot: torch.Tensor | None = None, compile: bool = False,
-                 shared_weights: bool = False) -> None:
+                 shared_weights: bool = False, distance: str = "l2", tv: float = 0.0) -> None:
         from torch.func import functional_call, grad, grad_and_value, vmap
 
         self._on_cpu = next(iter(params.values())).device.type == "cpu"
@@ -166,7 +200,10 @@ class BatchedGradientMatching:
         self.logit_shape = (batch_size, num_classes)
         names = list(params)
 
-        def distance(p, bufs, target, row, labels):
+        if distance not in ("l2", "cosine"):
+            raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
+
+        def match(p, bufs, target, row, labels):
             x = row[:self.n_x].view(self.x_shape)
             soft = labels if labels is not None else torch.softmax(row[self.n_x:].view(self.logit_shape), -1)
 
@@ -174,7 +211,15 @@ class BatchedGradientMatching:
                 return soft_cross_entropy(functional_call(model, (weights, bufs), (x,)), soft)
 
             g = grad(training_loss)(p)
+            if distance == "cosine":
+                return cosine_distance([g[n] for n in names], target)
             return sum(((g[n] - t) ** 2).sum() for n, t in zip(names, target))
+
+        def objective(p, bufs, target, row, labels):
+            value = match(p, bufs, target, row, labels)
+            if tv:
+                value = value + tv * total_variation(row[:self.n_x].view(self.x_shape))
+            return value
 
         # with one model for every instance (the DLG reference attacks many images of one network) the
         # weights are not batched, so convolutions run as one ordinary batched convolution instead of
@@ -182,7 +227,8 @@ class BatchedGradientMatching:
         self.shared_weights = shared_weights
         weight_dim = None if shared_weights else 0
         in_dims = (weight_dim, weight_dim, 0, 0, 0 if onehot is not None else None)
-        self._fn = vmap(grad_and_value(distance, argnums=3), in_dims=in_dims)
+        self._fn = vmap(grad_and_value(objective, argnums=3), in_dims=in_dims)
+        self._match = vmap(match, in_dims=in_dims)
         # torch.compile specialises on the vmapped batch size (marking it dynamic is refused), so the
         # compiled program runs at fixed sizes: powers of two, the running instances padded up to one
         # when they fill enough of it to beat eager mode, eager otherwise. Each size compiles once.
@@ -209,6 +255,12 @@ class BatchedGradientMatching:
         params, buffers, targets, labels = self._per_instance(ids)
         grads, values = fn(params, buffers, targets, rows, labels)
         return values[:k].detach(), grads[:k].detach().contiguous()
+
+    def scores(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The distance alone (no prior) of the instances ``ids`` at ``rows``: what the attacker compares
+        restarts by."""
+        params, buffers, targets, labels = self._per_instance(ids)
+        return self._match(params, buffers, targets, rows, labels).detach()
 
     def _per_instance(self, ids: torch.Tensor) -> tuple[dict, dict, list[torch.Tensor], torch.Tensor | None]:
         """Weights, buffers, targets and labels of the instances ``ids``, gathered once per batch
