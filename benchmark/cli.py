@@ -257,13 +257,15 @@ def cmd_list(args) -> int:
             continue
         reg = LISTED[kind]
         print(f"{kind}:")
-        for name in reg.list(args.pattern):
+        names = reg.list(args.pattern)
+        width = max([18, *(len(n) for n in names)])  # one column for every name, however long
+        for name in names:
             cls = reg.get(name)
             doc = (cls.__doc__ or "").strip().splitlines()
             params = ", ".join(f"{p.name}={p.default!r}" for p in getattr(cls, "params", ()))
-            print(f"  {name:<18} {doc[0] if doc else ''}")
+            print(f"  {name:<{width}} {doc[0] if doc else ''}")
             if params:
-                print(f"  {'':<18} params: {params}")
+                print(f"  {'':<{width}} params: {params}")
     return EXIT_OK
 
 
