@@ -89,6 +89,15 @@ def test_rows_compare_the_paper_with_our_measurement():
     assert retained.agrees is False and "another model" in retained.note
     missing = measure(experiment.comparisons[1], records[:1])
     assert missing.ours is None and missing.agrees is None and "no record matches" in missing.note
+    # a ratio to a baseline at chance level is not read (min_baseline), and the row says why
+    guarded = json.loads(json.dumps(EXPERIMENT))
+    guarded["comparisons"][1]["ours"]["min_baseline"] = 0.05
+    comparison = parse_experiment(guarded, source="tiny.yaml").comparisons[1]
+    records[0]["accuracy"] = 0.01
+    at_chance = measure(comparison, records)
+    assert at_chance.ours is None and at_chance.agrees is None and "below the 0.05" in at_chance.note
+    records[0]["accuracy"] = 0.2
+    assert measure(comparison, records).ours == pytest.approx(50.0)
 
 
 def test_trends_are_checked_on_our_values_and_the_papers():
@@ -108,6 +117,7 @@ def test_trends_are_checked_on_our_values_and_the_papers():
     (lambda e: e["comparisons"][0].update(paper="yes"), r"paper value 'yes' is invalid"),
     (lambda e: e["comparisons"][1].update(rule="same-verdict"), r"rule 'same-verdict' does not compare a number"),
     (lambda e: e["scales"]["cpu"].pop("reductions"), r"scales.cpu.reductions is missing"),
+    (lambda e: e["comparisons"][0]["ours"].update(min_baseline=0.05), r"min_baseline 0.05 is invalid"),
     (lambda e: e.update(sources="x"), r"unknown key 'sources'. Did you mean 'source'"),
     (lambda e: e["comparisons"][2]["ours"].update(interval="normal"), r"interval 'normal' is invalid"),
 ])
@@ -193,3 +203,19 @@ def test_the_verdict_threshold_is_fitted_on_some_rows_and_judged_on_the_others()
     raw["calibration"]["fit_on"] = ["weak", "strong", "held"]
     with pytest.raises(ConfigError, match="some \\(not all\\) settings of the verdict rows"):
         parse_experiment(raw, source="tiny.yaml")
+
+
+def test_a_defense_row_has_no_verdict_when_the_attack_fails_undefended():
+    """The tables' rule: a verdict needs an attack that works, so when the attack does not leak against
+    `none`, a defense row shows no verdict; the `none` row itself keeps its (disagreeing) verdict."""
+    raw = json.loads(json.dumps(EXPERIMENT))
+    raw["comparisons"].append({"setting": "G 1e-2", "quantity": "defends", "where": {"defense": "g"},
+                               "paper": True, "ours": {"value": "verdict"}, "rule": "same-verdict"})
+    experiment = parse_experiment(raw, source="tiny.yaml")
+    records = [record("none", None, accuracy=0.8, defended=True, leak=0.0),
+               record("g", 0.01, accuracy=0.4, defended=True, leak=0.0)]
+    none_row, defense_row = measure(experiment.comparisons[0], records), measure(experiment.comparisons[-1], records)
+    assert none_row.ours is True and none_row.agrees is False
+    assert defense_row.ours is None and defense_row.agrees is None and "no verdict" in defense_row.note
+    records[0]["verdict"]["defended"] = False  # the attack works undefended: the defense row is read
+    assert measure(experiment.comparisons[-1], records).agrees is True

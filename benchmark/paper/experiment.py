@@ -26,7 +26,7 @@ EXPERIMENT_KEYS = ("name", "paper", "title", "source", "claim", "scales", "compa
                    "notes", "calibration")
 CALIBRATION_KEYS = ("metric", "max_leak_rate", "fit_on", "shipped_threshold")
 COMPARISON_KEYS = ("setting", "quantity", "where", "paper", "source", "ours", "rule", "why_it_may_differ")
-OURS_KEYS = ("value", "per_sample", "stat", "scale", "relative_to", "interval", "unit")
+OURS_KEYS = ("value", "per_sample", "stat", "scale", "relative_to", "min_baseline", "interval", "unit")
 STATS = ("median", "mean")
 INTERVALS = ("wilson", "bootstrap", "none")
 
@@ -46,6 +46,9 @@ class Ours:
     stat: str = "median"
     scale: float = 1.0
     relative_to: dict | None = None
+    # the baseline must reach this for a ratio to mean anything (an accuracy at chance level, 1% on
+    # CIFAR-100, makes "accuracy retained" a ratio of two noises); below it the row is not measured
+    min_baseline: float | None = None
     interval: str = "none"
     unit: str = ""
 
@@ -199,6 +202,10 @@ def parse_experiment(raw: Any, *, source: str) -> Experiment:
         ours = Ours(**ours_raw)
         if (ours.value is None) == (ours.per_sample is None):
             raise ConfigError(f"{where}.ours: give exactly one of value and per_sample")
+        if ours.min_baseline is not None and (ours.relative_to is None or isinstance(ours.min_baseline, bool)
+                                              or not isinstance(ours.min_baseline, (int, float))):
+            raise ConfigError(f"{where}.ours: min_baseline {ours.min_baseline!r} is invalid; allowed: a number, "
+                              f"with relative_to")
         if ours.stat not in STATS or ours.interval not in INTERVALS:
             raise ConfigError(f"{where}.ours: stat {ours.stat!r} / interval {ours.interval!r} is invalid; allowed: "
                               f"stat {', '.join(STATS)}; interval {', '.join(INTERVALS)}")

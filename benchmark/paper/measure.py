@@ -69,9 +69,19 @@ def _missing(record: dict, path: str) -> str:
     return f"{path} is null (not reached within the budget){shown}"
 
 
-def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
+def baseline_does_not_leak(record: dict, records: list[dict]) -> bool:
+    """The tables' rule (run.report: a verdict needs an attack that works): True when the record's attack,
+    against no defense on the same dataset and model, is itself judged defended, so no defense row of it
+    has a verdict. False when it leaks there or no such record exists."""
+    same = [r for r in records if r.get("defense") == "none" and all(
+        r.get(k) == record.get(k) for k in ("attack", "attack_params", "dataset", "model"))]
+    return bool(same) and all((r.get("verdict") or {}).get("defended") is True for r in same)
+
+
+def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None, records: list[dict] = ()
               ) -> tuple[Any, float | None, float | None, str]:
-    """(value, low, high, a note on what was measured) from the matching records."""
+    """(value, low, high, a note on what was measured) from the matching records (``records``: all of
+    the run's, for the baseline a verdict needs)."""
     record = found[0]
     if ours.value == "verdict":
         verdict = record.get("verdict") or {}
@@ -85,6 +95,10 @@ def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
             samples = len(field_of(record, "per_sample.ssim") or []) or int(record.get("targets") or 0)
             low, high = leak_interval(leak, samples)
             seen += f" (leak rate's interval over {samples} samples)"
+        # a `none` row keeps its verdict: "the attack fails undefended" is itself the comparison
+        if record.get("defense") != "none" and baseline_does_not_leak(record, records):
+            return None, low, high, (f"no verdict: {record.get('attack')} does not leak against none on this "
+                                     f"dataset and model either, so no defense can be credited ({seen})")
         return verdict.get("defended"), low, high, seen
     if ours.per_sample:
         values = np.asarray([v for r in found for v in (field_of(r, f"per_sample.{ours.per_sample}") or [])
@@ -110,6 +124,9 @@ def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None
         base = field_of(baseline[0], ours.value or "")
         if not base:
             return None, None, None, "the baseline value is zero or absent"
+        if ours.min_baseline is not None and base < ours.min_baseline:
+            return None, None, None, (f"not read: the baseline {ours.value} is {base:.3g}, below the {ours.min_baseline:g} "
+                                      f"a ratio needs (at chance level the ratio is noise); ours {value:.3g}")
         value, low, high = value / base, (low / base if low is not None else None), \
             (high / base if high is not None else None)
     scale = ours.scale
@@ -124,7 +141,7 @@ def measure(comparison: Comparison, records: list[dict]) -> Row:
         return Row(comparison.setting, comparison.quantity, comparison.paper, None, None, None, None, rule_text,
                    f"no record matches {comparison.where}", 0, comparison.source)
     baseline = matching(records, comparison.ours.relative_to) if comparison.ours.relative_to else None
-    value, low, high, seen = our_value(comparison.ours, found, baseline)
+    value, low, high, seen = our_value(comparison.ours, found, baseline, records)
     agrees = None if value is None else bool(comparison.rule.agrees(value, comparison.paper))
     note = seen
     if agrees is False:
