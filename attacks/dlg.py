@@ -121,7 +121,8 @@ class DLG(_GradientMatchingAttack):
         x.requires_grad_(True)
         logits.requires_grad_(True)
         target = [t.detach() for t in task.shared]
-        run = LBFGSRun([x, logits], lambda: gradient_distance(model, x, F.softmax(logits, -1), target),
+        run = LBFGSRun([x, logits], lambda: gradient_distance(model, x, F.softmax(logits, -1), target,
+                                                             task.local_training),
                        lr=self.lr, max_iter=self.max_iter, history_size=self.history_size)
         steps = run_steps([run], self.steps, lambda i: 0,
                           lambda: (x.detach(), logits.detach().argmax(-1)), monitor, self.stop_distance)
@@ -149,7 +150,7 @@ class IDLG(_GradientMatchingAttack):
         labels = analytic_labels(task).to(x.device)
         onehot = F.one_hot(labels, task.num_classes).float()
         target = [t.detach() for t in task.shared]
-        run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target),
+        run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target, task.local_training),
                        lr=self.lr, max_iter=self.max_iter, history_size=self.history_size)
         steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels), monitor,
                           self.stop_distance)
@@ -187,7 +188,8 @@ class BatchedDLG(_GradientMatchingAttack):
         target = [t.detach() for t in task.shared]
 
         def objective() -> torch.Tensor:
-            return gradient_distance(model, torch.cat(xs), F.softmax(torch.cat(ls), -1), target)
+            return gradient_distance(model, torch.cat(xs), F.softmax(torch.cat(ls), -1), target,
+                                     task.local_training)
 
         runs = [LBFGSRun([xs[i], ls[i]], objective, lr=self.lr, max_iter=self.max_iter,
                          history_size=self.history_size, fresh_each_step=task.batch_size > 1)

@@ -42,7 +42,8 @@ def _group_key(task: AttackTask) -> tuple:
     model = task.model
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
     device = next(model.parameters()).device
-    return (type(model).__qualname__, shapes, task.input_shape, task.batch_size, task.num_classes, str(device))
+    return (type(model).__qualname__, shapes, task.input_shape, task.batch_size, task.num_classes, str(device),
+            task.local_training)
 
 
 def _same_weights(models: list[torch.nn.Module]) -> bool:
@@ -102,7 +103,8 @@ def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: Labe
     model.eval()  # functional_call runs the template module: the attacker evaluates in eval mode
     objective = BatchedGradientMatching(model, params, buffers, targets, input_shape=first.input_shape,
                                         batch_size=first.batch_size, num_classes=first.num_classes,
-                                        onehot=onehot, compile=st.compile, shared_weights=shared_weights)
+                                        onehot=onehot, compile=st.compile, shared_weights=shared_weights,
+                                        local=first.local_training)
     with_logits = onehot is None
     x0 = torch.stack([_initial_row(t, t.seed, with_logits) for t in tasks]).to(device, params[names[0]].dtype)
 
