@@ -40,6 +40,11 @@ def att_faces_dir() -> str:
 
 
 @pytest.fixture
+def cifar10_dir() -> str:
+    return mirror_dir("cifar10")
+
+
+@pytest.fixture
 def cifar100_dir() -> str:
     return mirror_dir("cifar100")
 
