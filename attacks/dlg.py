@@ -42,6 +42,7 @@ class _GradientMatchingAttack(Attack):
     """Shared by the DLG family: the batched engine unless ``engine: reference``."""
 
     cyclic = False
+    replays_local_training = True
 
     def fixed_labels(self, task: AttackTask) -> torch.Tensor | None:
         return None  # labels are optimised

@@ -121,3 +121,12 @@ def test_replaying_local_training_recovers_a_fedavg_update_that_one_gradient_doe
     replayed, as_gradient = _psnrs(data, simulated, truths, attack), _psnrs(data, naive, truths, attack)
     assert statistics.median(replayed) > 40.0, replayed
     assert statistics.median(as_gradient) < 15.0, as_gradient
+
+
+def test_attacks_that_do_not_replay_local_training_are_refused_under_fedavg():
+    grid = {**GRID, "attacks": ["dlg-adaptive"], "threat": {"local_steps": 3}}
+    with pytest.raises(ConfigError) as err:
+        parse_grid(grid)
+    assert "attack 'dlg-adaptive' does not replay federated averaging's local steps" in str(err.value)
+    assert "allowed: dlg" in str(err.value)
+    parse_grid({**grid, "threat": {"local_steps": 1}})  # FedSGD: every gradient attack runs

@@ -68,6 +68,12 @@ class GradientCells(CellKind):
         if grid.verdict.metric not in IMAGE_METRICS:
             raise ConfigError(f"grid: verdict.metric = {grid.verdict.metric!r} cannot judge image reconstructions; "
                               f"allowed: {', '.join(IMAGE_METRICS)}")
+        local = [k for k in ("local_steps", "local_batch_size") if k in grid.threat]  # kept only when not default
+        replaying = [n for n in ATTACKS.list() if getattr(ATTACKS.get(n), "replays_local_training", False)]
+        for spec in grid.attacks if local else ():
+            if spec.name not in replaying:
+                raise ConfigError(f"grid: attack {spec.name!r} does not replay federated averaging's local steps "
+                                  f"(threat.{local[0]} = {grid.threat[local[0]]!r}); allowed: {', '.join(replaying)}")
 
     def program_key(self, cell: "Cell") -> str | None:
         """Cells with the same key run as one engine program (see the module's docstring)."""
