@@ -19,6 +19,9 @@ class Attack(Component):
     setting: ClassVar[str] = "gradient"
     #: what the attack needs to be told beyond the shared update (recorded in every result)
     needs_labels: ClassVar[bool] = False
+    #: the attack's objective replays federated averaging's local steps (``AttackTask.local_training``);
+    #: grids with local training run only such attacks
+    replays_local_training: ClassVar[bool] = False
 
     @property
     def batches_tasks(self) -> bool:

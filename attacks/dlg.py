@@ -51,6 +51,7 @@ class _GradientMatchingAttack(Attack):
     """Shared by the DLG family: the batched engine unless ``engine: reference``."""
 
     cyclic = False
+    replays_local_training = True
 
     def fixed_labels(self, task: AttackTask) -> torch.Tensor | None:
         return None  # labels are optimised
@@ -136,7 +137,8 @@ class DLG(_GradientMatchingAttack):
         x.requires_grad_(True)
         logits.requires_grad_(True)
         target = [t.detach() for t in task.shared]
-        run = LBFGSRun([x, logits], lambda: gradient_distance(model, x, F.softmax(logits, -1), target),
+        run = LBFGSRun([x, logits], lambda: gradient_distance(model, x, F.softmax(logits, -1), target,
+                                                             task.local_training),
                        **self._lbfgs_options())
         steps = run_steps([run], self.steps, lambda i: 0,
                           lambda: (x.detach(), logits.detach().argmax(-1)), monitor, self.stop_distance)
@@ -164,7 +166,7 @@ class IDLG(_GradientMatchingAttack):
         labels = analytic_labels(task).to(x.device)
         onehot = F.one_hot(labels, task.num_classes).float()
         target = [t.detach() for t in task.shared]
-        run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target),
+        run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target, task.local_training),
                        **self._lbfgs_options())
         steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels), monitor,
                           self.stop_distance)
@@ -202,7 +204,8 @@ class BatchedDLG(_GradientMatchingAttack):
         target = [t.detach() for t in task.shared]
 
         def objective() -> torch.Tensor:
-            return gradient_distance(model, torch.cat(xs), F.softmax(torch.cat(ls), -1), target)
+            return gradient_distance(model, torch.cat(xs), F.softmax(torch.cat(ls), -1), target,
+                                     task.local_training)
 
         runs = [LBFGSRun([xs[i], ls[i]], objective, **self._lbfgs_options(), fresh_each_step=task.batch_size > 1)
                 for i in range(task.batch_size)]

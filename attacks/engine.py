@@ -46,7 +46,8 @@ def group_key(task: AttackTask) -> tuple:
     model = task.model
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
     device = next(model.parameters()).device
-    return (type(model).__qualname__, shapes, task.input_shape, task.batch_size, task.num_classes, str(device))
+    return (type(model).__qualname__, shapes, task.input_shape, task.batch_size, task.num_classes, str(device),
+            task.local_training)
 
 
 def _same_weights(models: list[torch.nn.Module]) -> bool:
@@ -111,7 +112,8 @@ def build_objective(tasks: Sequence[AttackTask], labels: Sequence[torch.Tensor |
                               for lab in labels])
     return BatchedGradientMatching(model, params, buffers, targets, input_shape=first.input_shape,
                                    batch_size=first.batch_size, num_classes=first.num_classes, onehot=onehot,
-                                   compile=compile, shared_weights=shared_weights, distance=distance, tv=tv)
+                                   compile=compile, shared_weights=shared_weights, distance=distance, tv=tv,
+                                   local=first.local_training)
 
 
 @contextmanager

@@ -10,16 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..threat import AttackerMap, Monitor, soft_cross_entropy
+from ..threat import AttackerMap, LocalTraining, Monitor, soft_cross_entropy
 
 
 def gradient_distance(model: nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
-                      target: Sequence[torch.Tensor]) -> torch.Tensor:
+                      target: Sequence[torch.Tensor], local: LocalTraining | None = None) -> torch.Tensor:
     """Sum over parameters of ||grad' - grad||^2 (DLG eq. 4), differentiable w.r.t. the dummies.
 
     Coordinates a defense zeroed stay in the sum (the non-adaptive attacker matches the update as
-    shared); adaptive variants may pass a masked target and model.
+    shared); adaptive variants may pass a masked target and model. With ``local`` (federated averaging)
+    the dummy update is the replayed local training's, not one gradient.
     """
+    if local is not None:
+        from torch.func import functional_call
+
+        weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        update = local.simulated_update(
+            lambda w, x, s: soft_cross_entropy(functional_call(model, w, (x,)), s), weights, dummy_x, soft_labels)
+        return sum(((u - t) ** 2).sum() for u, t in zip(update.values(), target))
     params = [p for p in model.parameters() if p.requires_grad]
     loss = soft_cross_entropy(model(dummy_x), soft_labels)
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -188,7 +196,8 @@ class BatchedGradientMatching:
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                  targets: list[torch.Tensor], *, input_shape: tuple[int, ...], batch_size: int,
                  num_classes: int, onehot: torch.Tensor | None = None, compile: bool = False,
-                 shared_weights: bool = False, distance: str = "l2", tv: float = 0.0) -> None:
+                 shared_weights: bool = False, distance: str = "l2", tv: float = 0.0,
+                 local: LocalTraining | None = None) -> None:
         from torch.func import functional_call, grad, grad_and_value, vmap
 
         self._on_cpu = next(iter(params.values())).device.type == "cpu"
@@ -210,7 +219,11 @@ class BatchedGradientMatching:
             def training_loss(weights):
                 return soft_cross_entropy(functional_call(model, (weights, bufs), (x,)), soft)
 
-            g = grad(training_loss)(p)
+            if local is None:
+                g = grad(training_loss)(p)
+            else:  # federated averaging: the dummies' update is the replayed local training's
+                g = local.simulated_update(
+                    lambda w, xb, sb: soft_cross_entropy(functional_call(model, (w, bufs), (xb,)), sb), p, x, soft)
             if distance == "cosine":
                 return cosine_distance([g[n] for n in names], target)
             return sum(((g[n] - t) ** 2).sum() for n, t in zip(names, target))

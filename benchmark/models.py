@@ -228,6 +228,74 @@ class ResNet56SigmoidSpec(_SigmoidResNetSpec):
     blocks_per_stage = 9
 
 
+# --- ResNet-18 for CIFAR with BatchNorm (the network of the Inverting Gradients paper and breaching) -----
+
+class _BasicBlock(nn.Module):
+    """He et al.'s basic block: two 3x3 convolutions with BatchNorm, the activation after the first and
+    after the sum; a 1x1 convolution with BatchNorm on the shortcut where the shape changes (option B)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, activation: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.act = ACTIVATIONS[activation]()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 as CIFAR code writes it (kuangliu/pytorch-cifar, breaching's ``ResNet18``): a 3x3
+    convolution without pooling, four stages of two basic blocks with 64/128/256/512 filters (times
+    ``width``) and strides 1, 2, 2, 2, global average pooling, one linear layer. BatchNorm keeps running
+    statistics: in train mode it normalises by the batch, in eval mode by those statistics (the threat's
+    ``bn_mode`` says which the victim used)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, width: float = 1.0, activation: str = "relu") -> None:
+        super().__init__()
+        widths = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.act = ACTIVATIONS[activation]()
+        blocks, planes = [], widths[0]
+        for stage, stage_width in enumerate(widths):
+            for b in range(2):
+                blocks.append(_BasicBlock(planes, stage_width, 2 if stage > 0 and b == 0 else 1, activation))
+                planes = stage_width
+        self.stages = nn.Sequential(*blocks)
+        self.fc = nn.Linear(planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stages(self.act(self.bn1(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+@register_model("resnet18")
+class ResNet18Spec(ModelSpec):
+    """ResNet-18 for CIFAR-sized images with BatchNorm (running statistics), ReLU by default: the trained
+    ReLU network with BatchNorm that the field attacks today (Geiping et al. 2020). 11,173,962
+    parameters at width 1 for 32x32x3 inputs and 10 classes; ``width`` scales the filters for CPU runs.
+    With ReLU the gradient's own gradient w.r.t. the input exists but is piecewise constant in places;
+    ``activation: sigmoid`` or ``tanh`` give a smooth network for L-BFGS attacks."""
+
+    params = (
+        Param("width", float, 1.0, "multiplier of the 64/128/256/512 filters per stage (CPU-scale reductions)",
+              low=0.0625, high=4.0),
+        Param("activation", str, "relu", "activation (ReLU as He et al.)", choices=tuple(ACTIVATIONS)),
+    )
+
+    def create(self, input_shape, num_classes, *, generator=None):
+        model = CifarResNet18(input_shape[0], num_classes, width=self.width, activation=self.activation)
+        _init_default_(model, generator)  # BatchNorm keeps its identity init (weight 1, bias 0)
+        return model
+
+
 def build_model(name: str, input_shape, num_classes: int, *, seed: int = 0, **params) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     return MODELS.build(name, params).create(tuple(input_shape), num_classes, generator=generator)

@@ -1,15 +1,44 @@
-"""The threat model of one-step gradient attacks (FedSGD): the victim computes the gradient of its
-training loss on a private batch with the shared weights; the defense transforms what is shared; the
-attacker sees only the shared update, the model and its weights (plus whatever the task records)."""
+"""The threat model of gradient attacks: the victim computes its update on a private batch with the
+shared weights (FedSGD: one gradient; federated averaging: several local SGD steps, ``LocalTraining``);
+the defense transforms what is shared; the attacker sees only the shared update, the model and its
+weights (plus whatever the task records)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .params import Param
+
+
+# the ``threat:`` keys of federated averaging and BatchNorm (gradient cells). A grid leaves each out of
+# ``Grid.threat`` while it has its default, so FedSGD grids keep the cell keys (resumed folders,
+# leaderboard hashes) they had before these keys existed; records carry every value (threat_settings)
+THREAT_EXTRAS = (
+    Param("local_steps", int, 1, "local SGD steps of federated averaging (1: FedSGD, one gradient)", low=1, high=1000),
+    Param("local_lr", float, 0.1, "local learning rate (irrelevant for one step)", low=1e-6),
+    Param("local_batch_size", int, None, "samples per local step (null: the whole batch)", low=1, nullable=True),
+    Param("bn_mode", str, "train", "the victim's BatchNorm: batch statistics ('train') or the model's running "
+          "statistics ('eval', which the attacker is given with the weights)", choices=("train", "eval")),
+)
+
+
+def threat_settings(threat: dict) -> dict:
+    """A grid's ``threat`` with every key's value, defaults filled in."""
+    return {**{p.name: p.default for p in THREAT_EXTRAS}, **threat}
+
+
+def local_training_of(threat: dict, clients: int = 1) -> LocalTraining:
+    """The local training a grid's ``threat`` sets (``clients``: updates the server sees as one mean)."""
+    full = threat_settings(threat)
+    return LocalTraining(steps=full["local_steps"], lr=full["local_lr"], batch_size=full["local_batch_size"],
+                         clients=clients)
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
@@ -23,6 +52,79 @@ def parameter_gradients(model: nn.Module, x: torch.Tensor, soft_labels: torch.Te
     params = [p for p in model.parameters() if p.requires_grad]
     loss = soft_cross_entropy(model(x), soft_labels)
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Federated averaging's local training (McMahan et al. 2017), as the server sets it and therefore
+    as the attacker knows it: each of ``clients`` clients takes ``steps`` steps of minibatch SGD with
+    learning rate ``lr`` on its own batch, minibatches of ``batch_size`` taken in order and cyclically
+    (None: the whole batch each step), and shares its averaged update (w0 - w_steps) / lr, the weight
+    difference in the scale of a gradient, so defenses calibrated on gradients keep their meaning. The
+    server sees the mean of the clients' updates (``clients`` > 1: secure aggregation). One step on the
+    whole batch is FedSGD: the update is then the gradient itself (``fedsgd``), computed as before."""
+
+    steps: int = 1
+    lr: float = 0.1
+    batch_size: int | None = None
+    clients: int = 1
+
+    def fedsgd(self, per_client: int) -> bool:
+        """True when the shared update is the gradient of the mean loss over every client's samples (one
+        step on whole batches of equal size: the mean of the clients' gradients is that gradient)."""
+        return self.steps == 1 and (self.batch_size is None or self.batch_size >= per_client)
+
+    def minibatches(self, per_client: int) -> list[slice]:
+        """The samples of one client's batch that each local step uses (the same for every client)."""
+        size = min(self.batch_size or per_client, per_client)
+        count = math.ceil(per_client / size)
+        return [slice((s % count) * size, min((s % count + 1) * size, per_client)) for s in range(self.steps)]
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def victim_update(self, model: nn.Module, x: torch.Tensor, soft_labels: torch.Tensor,
+                      step_update: Callable[[nn.Module, torch.Tensor, torch.Tensor], list[torch.Tensor]]
+                      ) -> list[torch.Tensor]:
+        """The mean over clients of (w0 - w_steps) / lr, each client training a copy of ``model`` on its
+        share of ``x`` (clients' samples one after another) with ``step_update`` as each step's gradient
+        (a defense's ``compute_update``: DP-SGD clips and noises every local step)."""
+        per_client = len(x) // self.clients
+        total: list[torch.Tensor] | None = None
+        for c in range(self.clients):
+            local = copy.deepcopy(model)  # the shared model (and its BatchNorm statistics) stays as it was
+            params = [p for p in local.parameters() if p.requires_grad]
+            start = [p.detach().clone() for p in params]
+            xs, ss = x[c * per_client:(c + 1) * per_client], soft_labels[c * per_client:(c + 1) * per_client]
+            for part in self.minibatches(per_client):
+                update = step_update(local, xs[part], ss[part])
+                with torch.no_grad():
+                    for p, u in zip(params, update):
+                        p.sub_(self.lr * u)
+            averaged = [(w0 - p.detach()) / self.lr for w0, p in zip(start, params)]
+            total = averaged if total is None else [t + a for t, a in zip(total, averaged)]
+        return [t / self.clients for t in total]
+
+    def simulated_update(self, loss: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor],
+                         weights: dict[str, torch.Tensor], x: torch.Tensor, soft_labels: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+        """The attacker's replay of ``victim_update`` on dummies, differentiable w.r.t. them (unrolled
+        steps, as Dimitrov et al. 2022 and breaching's local-updates user do): ``loss(weights, x, soft)``
+        is the training loss of a functional model (``torch.func.functional_call``). Works under
+        ``vmap`` (the batched engine) and in eager autograd alike."""
+        from torch.func import grad
+
+        per_client = x.shape[0] // self.clients
+        total: dict[str, torch.Tensor] | None = None
+        for c in range(self.clients):
+            xs, ss = x[c * per_client:(c + 1) * per_client], soft_labels[c * per_client:(c + 1) * per_client]
+            w = weights
+            for part in self.minibatches(per_client):
+                g = grad(loss)(w, xs[part], ss[part])
+                w = {n: w[n] - self.lr * g[n] for n in w}
+            averaged = {n: (weights[n] - w[n]) / self.lr for n in w}
+            total = averaged if total is None else {n: total[n] + averaged[n] for n in total}
+        return {n: t / self.clients for n, t in total.items()}
 
 
 @dataclass(frozen=True)
@@ -88,11 +190,14 @@ class AttackTask:
     # what an adaptive attacker can replay of the defense (its code is public, its randomness is not)
     attacker_map: "AttackerMap | None" = None
     seed: int = 0
+    # federated averaging: the local training the attacker replays (None: FedSGD, one gradient)
+    local_training: LocalTraining | None = None
 
     def knowledge(self) -> dict[str, Any]:
         return {"labels_known": self.labels is not None, "batch_size": self.batch_size,
-                "shared": "gradient", "defense_public_params": dict(self.defense_params),
-                "defense_name": self.defense_name}
+                "shared": "gradient" if self.local_training is None else "averaged local update",
+                "local_training": None if self.local_training is None else self.local_training.describe(),
+                "defense_public_params": dict(self.defense_params), "defense_name": self.defense_name}
 
 
 @dataclass

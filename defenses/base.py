@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..params import Component
-from ..threat import IDENTITY_MAP, AttackerMap, parameter_gradients, straight_through
+from ..threat import IDENTITY_MAP, AttackerMap, LocalTraining, parameter_gradients, straight_through
 from ..training import train_with_defense
 
 
@@ -43,6 +43,21 @@ class Defense(Component):
               generator: torch.Generator | None = None) -> list[torch.Tensor]:
         return self.transform(self.compute_update(model, x, soft_labels, generator=generator),
                               generator=generator)
+
+    def aggregated_clients(self) -> int:
+        """How many clients' updates the server sees only as their mean (``secure-aggregation``)."""
+        return 1
+
+    def share_after_local_training(self, model: nn.Module, x: torch.Tensor, soft_labels: torch.Tensor,
+                                   local: LocalTraining, *, generator: torch.Generator | None = None
+                                   ) -> list[torch.Tensor]:
+        """What is shared under federated averaging: ``local``'s update, each local step's gradient from
+        ``compute_update``, then ``transform``. FedSGD (one step on the whole batch) is exactly ``share``."""
+        if local.fedsgd(len(x) // local.clients):
+            return self.share(model, x, soft_labels, generator=generator)
+        update = local.victim_update(model, x, soft_labels,
+                                     lambda m, xb, sb: self.compute_update(m, xb, sb, generator=generator))
+        return self.transform(update, generator=generator)
 
     def attacker_map(self, shared: list[torch.Tensor]) -> AttackerMap:
         """What an adaptive attacker can replay of this defense, given the update as shared: by default

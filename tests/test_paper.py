@@ -49,7 +49,7 @@ def test_agreement_rules():
 
 
 def record(defense, variance, *, accuracy, defended, leak, per_mse=None, iterations=None):
-    return {"attack": "dlg", "defense": defense, "defense_params": {"variance": variance} if variance else {},
+    return {"attack": "dlg", "defense": defense, "defense_family": "baseline" if defense == "none" else "noise", "defense_params": {"variance": variance} if variance else {},
             "accuracy": accuracy, "targets": 4, "verdict": {"defended": defended},
             "metrics": {"leak_rate": leak, "psnr_median": 30.0, "iterations": iterations},
             "per_sample": {"ssim": [0.9] * 4, "mse": per_mse or [0.01, 0.02, 0.03, 0.04]}}

@@ -11,6 +11,7 @@ weights), so the engine batches them as the speed issue asks ("defense settings 
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..data import ImageData
 from ..errors import ConfigError
@@ -27,7 +29,7 @@ from ..scoring.reconstruction import censored_median, match_reconstructions, sco
 from ..scoring.update import update_distortion
 from ..seeding import config_hash, derive_seed
 from ..storage import atomic_write_torch, computed_once
-from ..threat import AttackTask, parameter_gradients
+from ..threat import AttackTask, local_training_of, parameter_gradients, threat_settings
 from ..training import train_with_defense
 from .base import RECORD_RECONSTRUCTION, CellContext, CellKind, TableColumn, accuracy_fields, cell_identity
 
@@ -67,6 +69,12 @@ class GradientCells(CellKind):
         if grid.verdict.metric not in IMAGE_METRICS:
             raise ConfigError(f"grid: verdict.metric = {grid.verdict.metric!r} cannot judge image reconstructions; "
                               f"allowed: {', '.join(IMAGE_METRICS)}")
+        local = [k for k in ("local_steps", "local_batch_size") if k in grid.threat]  # kept only when not default
+        replaying = [n for n in ATTACKS.list() if getattr(ATTACKS.get(n), "replays_local_training", False)]
+        for spec in grid.attacks if local else ():
+            if spec.name not in replaying:
+                raise ConfigError(f"grid: attack {spec.name!r} does not replay federated averaging's local steps "
+                                  f"(threat.{local[0]} = {grid.threat[local[0]]!r}); allowed: {', '.join(replaying)}")
 
     def program_key(self, cell: "Cell") -> str | None:
         """Cells with the same key run as one engine program (see the module's docstring)."""
@@ -84,12 +92,14 @@ class GradientCells(CellKind):
             attack = ATTACKS.build(cell.attack.name, cell.attack.params)
             defense = DEFENSES.build(cell.defense.name, cell.defense.params)
             batch = defense.victim_batch_size(attack.victim_batch_size())
-            if grid.targets * batch > len(data):
+            others = (defense.aggregated_clients() - 1) * batch  # the other clients of a secure aggregate
+            if grid.targets * batch + others > len(data):
                 raise ConfigError(
                     f"grid: targets = {grid.targets} is too many for {cell.attack.name} vs {defense.label()} on "
-                    f"{cell.dataset.name}/{grid.split}: {grid.targets} private batches of {batch} need "
-                    f"{grid.targets * batch} samples, the split has {len(data)}; allowed: targets <= "
-                    f"{len(data) // batch}")
+                    f"{cell.dataset.name}/{grid.split}: {grid.targets} private batches of {batch}"
+                    f"{f' and {others} samples of the other clients' if others else ''} need "
+                    f"{grid.targets * batch + others} samples, the split has {len(data)}; allowed: targets <= "
+                    f"{max(0, (len(data) - others) // batch)}")
 
     def progress(self, metrics: dict[str, Any]) -> str:
         return f"PSNR {metrics['psnr_median']:.1f} dB"
@@ -148,8 +158,16 @@ class GradientCells(CellKind):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed("targets", cell.seed)))
         device = context.device
         setup = _GradientSetup(cell, defense, data, batch)
+        clients = defense.aggregated_clients()
+        local = local_training_of(grid.threat, clients)
+        bn_mode = threat_settings(grid.threat)["bn_mode"]
         for t in range(grid.targets):
             idx = order[t * batch:(t + 1) * batch]
+            if clients > 1:  # secure aggregation: the other clients' samples, disjoint from every victim's
+                rest = order[grid.targets * batch:]
+                pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(
+                    derive_seed("other-clients", cell.seed, t)))[:(clients - 1) * batch]
+                idx = torch.cat([idx, rest[pick]])
             x, y = data.images[idx].to(device), data.labels[idx].to(device)
             model = context.make_model(cell, data, derive_seed("model", cell.seed, t))
             if grid.threat["model_state"] == "trained" and grid.threat["train_steps"] > 0:
@@ -157,15 +175,19 @@ class GradientCells(CellKind):
             g = torch.Generator().manual_seed(derive_seed("defense", cell.seed, t, cell.defense.as_dict()))
             classes = output_width(model, data.shape)  # the attacker knows the model, so its output width
             soft = F.one_hot(y, classes).float()
-            shared = defense.share(model, x, soft, generator=g)
-            setup.distortions.append(update_distortion(parameter_gradients(model, x, soft), shared))
-            setup.tasks.append(AttackTask(model=model, shared=shared, input_shape=data.shape,
-                                          num_classes=classes, batch_size=batch, scale=data.scale,
+            shared = defense.share_after_local_training(_victim_model(model, bn_mode), x, soft, local, generator=g)
+            setup.distortions.append(update_distortion(
+                _own_undefended_update(_victim_model(model, bn_mode), x[:batch], soft[:batch], grid.threat), shared))
+            setup.tasks.append(AttackTask(model=_attacker_model(model, bn_mode), shared=shared,
+                                          input_shape=data.shape,
+                                          num_classes=classes, batch_size=len(x), scale=data.scale,
                                           labels=y.clone() if grid.threat["labels_known"] else None,
                                           defense_params=defense.get_params(),
                                           defense_name=defense.registry_name,
                                           attacker_map=defense.attacker_map(shared),
-                                          seed=derive_seed("attack", cell.seed, t)))
+                                          seed=derive_seed("attack", cell.seed, t),
+                                          local_training=None if local.fedsgd(batch) else local))
+            x, y = x[:batch], y[:batch]  # the victim's own samples are what a leak is measured on
             setup.truths.append((x, y))
             setup.converge_steps.append(None)
             setup.monitors.append(self._convergence_monitor(data, x, setup.converge_steps, t))
@@ -175,7 +197,7 @@ class GradientCells(CellKind):
     def _record(self, context: CellContext, setup: "_GradientSetup", reconstructions, attack_seconds: float, *,
                          accuracy: dict[str, Any], program_cells: int) -> dict[str, Any]:
         started = time.perf_counter()
-        cell, defense, data, batch = setup.cell, setup.defense, setup.data, setup.batch
+        cell, defense, data = setup.cell, setup.defense, setup.data
         grid = cell.grid
         per_sample: dict[str, list] = {k: [] for k in ("mse", "psnr", "ssim", "label_correct")}
         per_target: dict[str, list] = {k: [] for k in ("closure_evals", "steps", "grad_distance", "diverged",
@@ -208,9 +230,7 @@ class GradientCells(CellKind):
         record = {
             **cell_identity(cell, defense),
             "targets": grid.targets,
-            "threat": {**grid.threat, "setting": "gradient", "batch_size": batch, "shared": "gradient",
-                       "weights": "shared",
-                       "labels_given_to_attacker": grid.threat["labels_known"]},
+            "threat": self._threat_record(setup),
             "metrics": {
                 "leak_rate": leak_rate,
                 "mse_median": statistics.median(per_sample["mse"]),
@@ -237,6 +257,25 @@ class GradientCells(CellKind):
             "program_cells": program_cells,  # cells whose targets ran in the same engine program
         }
         return record
+
+    @staticmethod
+    def _threat_record(setup: "_GradientSetup") -> dict[str, Any]:
+        """What the victim did and what the attacker was given (every threat key, defaults filled in)."""
+        grid, clients = setup.cell.grid, setup.defense.aggregated_clients()
+        threat = threat_settings(grid.threat)
+        fedsgd = local_training_of(grid.threat).fedsgd(setup.batch)
+        if not any(isinstance(m, _BatchNorm) for m in setup.tasks[0].model.modules()):
+            bn_given = None
+        elif threat["bn_mode"] == "eval":
+            bn_given = "the victim's running statistics, with the weights"
+        else:
+            bn_given = "nothing: it normalises its dummies by their own batch statistics, as the victim did"
+        return {**threat, "setting": "gradient", "batch_size": setup.batch, "weights": "shared",
+                "shared": "gradient" if fedsgd else "averaged local update (w0 - w_steps) / local_lr",
+                "local_lr": None if threat["local_steps"] == 1 else threat["local_lr"],
+                "aggregated_clients": clients, "attacked_batch_size": setup.batch * clients,
+                "batchnorm_given_to_attacker": bn_given,
+                "labels_given_to_attacker": grid.threat["labels_known"]}
 
     def _pretrain(self, context: CellContext, model, defense, cell: "Cell", steps: int, target: int) -> None:
         """Threat model 'trained': the shared weights are those after ``steps`` training steps under the
@@ -279,6 +318,42 @@ class GradientCells(CellKind):
 def _median_of_known(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
+
+
+def _running_statistics(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def _victim_model(model: torch.nn.Module, bn_mode: str) -> torch.nn.Module:
+    """The model the victim computes its update with. BatchNorm with running statistics normalises by the
+    batch's statistics in train mode (and updates its running ones: a copy keeps the shared model's) or
+    by the running statistics in eval mode. Models without running statistics are used as they are."""
+    if not _running_statistics(model):
+        return model
+    return copy.deepcopy(model).train(bn_mode == "train")
+
+
+def _attacker_model(model: torch.nn.Module, bn_mode: str) -> torch.nn.Module:
+    """The model the attacker is given. In eval mode it holds the running statistics the victim used;
+    in train mode the attacker normalises its dummies by their own batch statistics, as the victim did
+    (the victim's batch statistics are not shared): its BatchNorm layers lose their running buffers, so
+    they use batch statistics in any mode, as the engine's functional calls need."""
+    if not _running_statistics(model) or bn_mode == "eval":
+        return model
+    from torch.func import replace_all_batch_norm_modules_
+
+    return replace_all_batch_norm_modules_(copy.deepcopy(model))
+
+
+def _own_undefended_update(model: torch.nn.Module, x: torch.Tensor, soft: torch.Tensor, threat: dict
+                           ) -> list[torch.Tensor]:
+    """What the victim alone would share without a defense under the grid's threat (one gradient, or its
+    federated-averaging update): the reference of ``relative_distortion``, so secure aggregation's mixing
+    counts as distortion too."""
+    local = local_training_of(threat, 1)
+    if local.fedsgd(len(x)):
+        return parameter_gradients(model, x, soft)
+    return DEFENSES.build("none").share_after_local_training(model, x, soft, local)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..registry import ATTACKS, DEFENSES, MODELS, register_cell_kind
 from ..scoring.text import score_tokens
 from ..seeding import derive_seed
 from ..text import TextData
-from ..threat import TextAttackTask
+from ..threat import THREAT_EXTRAS, TextAttackTask
 from .base import (
     RECORD_RECONSTRUCTION,
     CellContext,
@@ -63,6 +63,14 @@ class TextGradientCells(CellKind):
         if grid.threat["model_state"] != "random-init":
             raise ConfigError(f"grid: threat.model_state = {grid.threat['model_state']!r} is not supported by text "
                               f"attacks; allowed: 'random-init' (as in the paper)")
+        for param in THREAT_EXTRAS:  # FedSGD only: the text victim shares one gradient
+            if param.name in grid.threat:  # (a grid keeps these keys only when they are not the default)
+                raise ConfigError(f"grid: threat.{param.name} = {grid.threat[param.name]!r} is not supported by text "
+                                  f"attacks; allowed: {param.default!r} (one gradient, as in the paper)")
+        for spec in grid.defenses:
+            if DEFENSES.build(spec.name, spec.params).aggregated_clients() > 1:
+                raise ConfigError(f"grid: defense {spec.name} {spec.params} aggregates several clients, which text "
+                                  f"attacks do not simulate; allowed: defenses of one client")
 
     def preflight(self, context: CellContext, cells: list[Cell]) -> None:
         """Text data, enough sentences, one sentence per victim batch, and a model long enough."""

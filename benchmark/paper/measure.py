@@ -73,7 +73,7 @@ def baseline_does_not_leak(record: dict, records: list[dict]) -> bool:
     """The tables' rule (run.report: a verdict needs an attack that works): True when the record's attack,
     against no defense on the same dataset and model, is itself judged defended, so no defense row of it
     has a verdict. False when it leaks there or no such record exists."""
-    same = [r for r in records if r.get("defense") == "none" and all(
+    same = [r for r in records if r.get("defense_family") == "baseline" and all(
         r.get(k) == record.get(k) for k in ("attack", "attack_params", "dataset", "model"))]
     return bool(same) and all((r.get("verdict") or {}).get("defended") is True for r in same)
 
@@ -95,8 +95,8 @@ def our_value(ours: Ours, found: list[dict], baseline: list[dict] | None, record
             samples = len(field_of(record, "per_sample.ssim") or []) or int(record.get("targets") or 0)
             low, high = leak_interval(leak, samples)
             seen += f" (leak rate's interval over {samples} samples)"
-        # a `none` row keeps its verdict: "the attack fails undefended" is itself the comparison
-        if record.get("defense") != "none" and baseline_does_not_leak(record, records):
+        # the baseline row keeps its verdict: "the attack fails undefended" is itself the comparison
+        if record.get("defense_family") != "baseline" and baseline_does_not_leak(record, records):
             return None, low, high, (f"no verdict: {record.get('attack')} does not leak against none on this "
                                      f"dataset and model either, so no defense can be credited ({seen})")
         return verdict.get("defended"), low, high, seen

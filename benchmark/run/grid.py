@@ -22,6 +22,7 @@ from ..scoring.class_leak import LeakRule
 from ..scoring.oracle import ORACLE_PARAMS
 from ..scoring.reconstruction import RecognisabilityRule
 from ..seeding import config_hash
+from ..threat import THREAT_EXTRAS
 from ..training import TrainingConfig
 from ..yaml_config import read_with_includes, relative_to
 
@@ -31,8 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 TOP_LEVEL_KEYS = ("name", "description", "include", "datasets", "models", "attacks", "defenses", "seeds",
                   "targets", "split", "threat", "accuracy", "verdict", "protocol", "gan_verdict", "oracle", "subgrids",
                   "batch_cells")
-THREAT_KEYS = ("model_state", "train_steps", "labels_known")
 MODEL_STATES = ("random-init", "trained")
+THREAT_KEYS = ("model_state", "train_steps", "labels_known", *(p.name for p in THREAT_EXTRAS))
 
 
 def builtin_grids() -> list[str]:
@@ -232,6 +233,13 @@ def parse_grid(raw: dict, *, source: str = "", _seen: tuple = ()) -> Grid:
         raise ConfigError(f"grid: threat.train_steps = {steps!r} is invalid; allowed: an integer >= 0")
     if not isinstance(threat["labels_known"], bool):
         raise ConfigError(f"grid: threat.labels_known = {threat['labels_known']!r} is invalid; allowed: true, false")
+    for param in THREAT_EXTRAS:
+        if param.name in threat:
+            threat[param.name] = param.check(threat[param.name], f"grid: threat.{param.name}")
+    if threat.get("local_steps", 1) == 1:
+        threat.pop("local_lr", None)  # one step's averaged update is the gradient, whatever the rate
+    threat = {k: v for k, v in threat.items()
+              if not any(p.name == k and p.default == v for p in THREAT_EXTRAS)}
     batch_cells = raw.get("batch_cells", True)
     if not isinstance(batch_cells, bool):
         raise ConfigError(f"grid: batch_cells = {batch_cells!r} is invalid; allowed: true, false")
