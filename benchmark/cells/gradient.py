@@ -175,9 +175,10 @@ class GradientCells(CellKind):
             g = torch.Generator().manual_seed(derive_seed("defense", cell.seed, t, cell.defense.as_dict()))
             classes = output_width(model, data.shape)  # the attacker knows the model, so its output width
             soft = F.one_hot(y, classes).float()
-            shared = defense.share_after_local_training(_victim_model(model, bn_mode), x, soft, local, generator=g)
+            victim = _victim_model(model, bn_mode)  # one copy (resnet18: 11M parameters) for both updates
+            shared = defense.share_after_local_training(victim, x, soft, local, generator=g)
             setup.distortions.append(update_distortion(
-                _own_undefended_update(_victim_model(model, bn_mode), x[:batch], soft[:batch], grid.threat), shared))
+                _own_undefended_update(victim, x[:batch], soft[:batch], grid.threat), shared))
             setup.tasks.append(AttackTask(model=_attacker_model(model, bn_mode), shared=shared,
                                           input_shape=data.shape,
                                           num_classes=classes, batch_size=len(x), scale=data.scale,
