@@ -32,9 +32,7 @@ STEPS = 300
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    torch.set_num_threads(int(os.environ.get("LEAKBENCH_BENCH_THREADS", os.cpu_count() or 1)))
+pytestmark = pytest.mark.usefixtures("bench_threads")  # benchmarks/conftest.py
 
 
 @pytest.fixture(scope="module")

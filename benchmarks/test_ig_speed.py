@@ -21,7 +21,6 @@ import os
 import statistics
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from leakbench.data import load
@@ -35,9 +34,7 @@ REFERENCE_TARGETS = int(os.environ.get("LEAKBENCH_IG_REFERENCE_TARGETS", "8"))
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    torch.set_num_threads(int(os.environ.get("LEAKBENCH_BENCH_THREADS", os.cpu_count() or 1)))
+pytestmark = pytest.mark.usefixtures("bench_threads")  # benchmarks/conftest.py
 
 
 @pytest.fixture(scope="module")
