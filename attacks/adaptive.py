@@ -38,6 +38,7 @@ from .inverting_gradients import InvertingGradients
 class _Adaptive(Attack):
     adaptive: ClassVar[bool] = True  # marks attacks that use what the threat model reveals of the defense
     label_method: ClassVar[str] = ""
+    replays_local_training = True  # matched_distance replays FedAvg's local steps (task.local_training)
 
     params = (
         Param("batch_size", int, 1, "victim batch size attacked (a large-batch defense overrides it)", low=1),
@@ -90,7 +91,8 @@ class _Adaptive(Attack):
                 variables = [x]
                 labels_now = lambda: fixed_labels  # noqa: E731
                 soft = lambda: onehot  # noqa: E731
-            run = LBFGSRun(variables, lambda: matched_distance(model, x, soft(), target, space, cosine=cosine),
+            run = LBFGSRun(variables, lambda: matched_distance(model, x, soft(), target, space, cosine=cosine,
+                                                          local=task.local_training),
                            lr=lr, max_iter=self.max_iter, history_size=self.history_size)
             steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels_now()), None,
                               self.stop_distance)
@@ -99,8 +101,9 @@ class _Adaptive(Attack):
             # attacker-visible choice between runs: the cosine distance of each run's final dummy update
             # (comparable across the two objectives and scale-invariant), never the private data
             with torch.enable_grad():
-                final = float(matched_distance(model, x.detach(), soft().detach(), target, space, cosine=True,
-                                               create_graph=False)) if not run.diverged else math.inf
+                final = math.inf if run.diverged else float(matched_distance(
+                    model, x.detach(), soft().detach(), target, space, cosine=True, create_graph=False,
+                    local=task.local_training))
             distance = final if math.isfinite(final) else math.inf
             if best is None or distance < best["distance"]:
                 best = {"distance": distance, "images": x.detach().clone(), "labels": labels_now(),

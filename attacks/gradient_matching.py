@@ -13,6 +13,23 @@ from torch import nn
 from ..threat import AttackerMap, LocalTraining, Monitor, soft_cross_entropy
 
 
+def dummy_update(model: nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
+                 local: LocalTraining | None = None, *, create_graph: bool = True) -> list[torch.Tensor]:
+    """The update the dummies would make the victim share, differentiable w.r.t. them: the gradient of
+    the training loss (FedSGD), or with ``local`` (federated averaging) the replayed local training's
+    weight difference, one tensor per trainable parameter."""
+    if local is not None:
+        from torch.func import functional_call
+
+        weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        update = local.simulated_update(
+            lambda w, x, s: soft_cross_entropy(functional_call(model, w, (x,)), s), weights, dummy_x, soft_labels)
+        return list(update.values())
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = soft_cross_entropy(model(dummy_x), soft_labels)
+    return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+
 def gradient_distance(model: nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
                       target: Sequence[torch.Tensor], local: LocalTraining | None = None) -> torch.Tensor:
     """Sum over parameters of ||grad' - grad||^2 (DLG eq. 4), differentiable w.r.t. the dummies.
@@ -21,17 +38,8 @@ def gradient_distance(model: nn.Module, dummy_x: torch.Tensor, soft_labels: torc
     shared); adaptive variants may pass a masked target and model. With ``local`` (federated averaging)
     the dummy update is the replayed local training's, not one gradient.
     """
-    if local is not None:
-        from torch.func import functional_call
-
-        weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        update = local.simulated_update(
-            lambda w, x, s: soft_cross_entropy(functional_call(model, w, (x,)), s), weights, dummy_x, soft_labels)
-        return sum(((u - t) ** 2).sum() for u, t in zip(update.values(), target))
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = soft_cross_entropy(model(dummy_x), soft_labels)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    return sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
+    update = dummy_update(model, dummy_x, soft_labels, local)
+    return sum(((u - t) ** 2).sum() for u, t in zip(update, target))
 
 
 def cosine_distance(update: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -51,16 +59,14 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def matched_distance(model: torch.nn.Module, dummy_x: torch.Tensor, soft_labels: torch.Tensor,
                      target: list[torch.Tensor], space: AttackerMap, *, cosine: bool = False,
-                     create_graph: bool = True) -> torch.Tensor:
-    """DLG's eq. 4 after mapping the dummy gradient into the defense's output space; with ``cosine``,
-    1 - the cosine similarity of the two whole updates instead (Geiping et al. 2020's scale-invariant
-    distance: a defense that rescales the update, by a known or unknown factor, cannot hide behind it)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(soft_cross_entropy(model(dummy_x), soft_labels), params, create_graph=create_graph)
-    mapped = space.apply(list(grads))
-    if not cosine:
-        return sum(((g - t) ** 2).sum() for g, t in zip(mapped, target))
-    return cosine_distance(mapped, target)
+                     create_graph: bool = True, local: LocalTraining | None = None) -> torch.Tensor:
+    """DLG's eq. 4 after mapping the dummy update (``dummy_update``: a gradient, or FedAvg's replayed
+    local training) into the defense's output space; with ``cosine``, 1 - the cosine similarity of the
+    two whole updates instead (Geiping et al. 2020's scale-invariant distance: a defense that rescales the
+    update, by a known or unknown factor, cannot hide behind it)."""
+    mapped = space.apply(dummy_update(model, dummy_x, soft_labels, local, create_graph=create_graph))
+    value = sum(((g - t) ** 2).sum() for g, t in zip(mapped, target)) if not cosine else cosine_distance(mapped, target)
+    return value if create_graph else value.detach()
 
 
 class LBFGSRun:

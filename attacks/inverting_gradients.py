@@ -56,6 +56,9 @@ def decay_milestones(steps: int, decay: bool) -> tuple[int, ...]:
 class InvertingGradients(Attack):
     """Cosine gradient distance + total variation, signed Adam with step decay, boxed, best of restarts."""
 
+    # both engines replay FedAvg's local steps: build_objective and matched_distance take task.local_training
+    replays_local_training = True
+
     params = (
         Param("batch_size", int, 1, "victim batch size attacked (a large-batch defense overrides it)", low=1),
         Param("steps", int, 24000, "Adam iterations per restart (paper and breaching: 24,000)", low=1),
@@ -116,7 +119,7 @@ class InvertingGradients(Attack):
                 adam, milestones=list(decay_milestones(self.steps, self.lr_decay)), gamma=DECAY)
             good, taken, evals, stopped = x.detach().clone(), 0, 0, "steps"
             for _ in range(self.steps):
-                value = matched_distance(model, x, onehot, target, space, cosine=True)
+                value = matched_distance(model, x, onehot, target, space, cosine=True, local=task.local_training)
                 if self.tv:
                     value = value + self.tv * total_variation(x)
                 grad, = torch.autograd.grad(value, [x])
@@ -141,7 +144,8 @@ class InvertingGradients(Attack):
             final = good if stopped == DIVERGED else x.detach().clone()
             starts.append((final, taken, evals, stopped))
         with torch.enable_grad():
-            scores = [float(matched_distance(model, final, onehot, target, space, cosine=True, create_graph=False))
+            scores = [float(matched_distance(model, final, onehot, target, space, cosine=True, create_graph=False,
+                                           local=task.local_training))
                       for final, *_ in starts]
         return self._pick(starts, scores, labels, method, engine)
 

@@ -36,8 +36,8 @@ from .yaml_config import safe_load_bounded
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 DATA_DIR_HELP = (f"local dataset mirror: {MIRROR_LAYOUTS}; splits it lacks come from the hub, checked before "
                  f"any cell runs (default: $LEAKBENCH_DATA_DIR)").replace("%", "%%")
-DEFAULT_BOARD_PROTOCOL = "v2-smoke"
-SMOKE_PROTOCOL = "v2-smoke"  # --smoke: the current CPU-sized protocol
+DEFAULT_BOARD_PROTOCOL = "v3-smoke"
+SMOKE_PROTOCOL = "v3-smoke"  # --smoke: the current CPU-sized protocol
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     smt.add_argument("--link", default=None, help="http(s) URL of a paper or repository")
     smt.add_argument("--params", nargs="*", default=[], metavar="K=V", help="the defense's parameters (YAML values)")
     smt.add_argument("--protocol", default=None,
-                     help=f"leaderboard protocol: v2 (GPU) or v2-smoke (CPU) [{DEFAULT_BOARD_PROTOCOL}]")
+                     help=f"leaderboard protocol: v3 (GPU) or v3-smoke (CPU) [{DEFAULT_BOARD_PROTOCOL}]")
     smt.add_argument("--smoke", action="store_true", help=f"the CPU-sized protocol (= --protocol {SMOKE_PROTOCOL})")
     smt.add_argument("--reported", nargs="*", default=[], metavar="K=V",
                      help="what the submitter claims (recorded under `reported`, never ranked)")

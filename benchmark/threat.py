@@ -54,6 +54,24 @@ def parameter_gradients(model: nn.Module, x: torch.Tensor, soft_labels: torch.Te
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
 
+# A record of an attack on a federated-averaging update (several local steps: another threat model of
+# the same attack) is keyed by the attack and this suffix wherever records are grouped by attack (tables,
+# figures, board entries), so that DLG on a gradient and DLG on a FedAvg update never pool into one row.
+FEDAVG_SUFFIX = ".fedavg"
+
+
+def attack_key(record: dict) -> str:
+    """A record's attack as tables, figures and board entries group it: the attack's name, with
+    ``FEDAVG_SUFFIX`` when the victim shared an averaged local update rather than one gradient."""
+    local_steps = (record.get("threat") or {}).get("local_steps") or 1
+    return record["attack"] + (FEDAVG_SUFFIX if local_steps > 1 else "")
+
+
+def attack_of_key(key: str) -> str:
+    """The registered attack behind ``attack_key``'s value."""
+    return key[:-len(FEDAVG_SUFFIX)] if key.endswith(FEDAVG_SUFFIX) else key
+
+
 @dataclass(frozen=True)
 class LocalTraining:
     """Federated averaging's local training (McMahan et al. 2017), as the server sets it and therefore

@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-PROTOCOL = "v2-smoke"
+PROTOCOL = "v3-smoke"
 FLOOR = 0.5
 BASELINE = 0.95
 

@@ -97,7 +97,7 @@ ENV_CASES = [
     ("device-bogus", ["run", "--device", "tpu"], r"--device 'tpu' is invalid"),
     ("report-no-results", ["report", "{tmp}"], r"results.jsonl' does not exist"),
     ("submit-root-unwritable", ["submit", "builtin:none", "--name", "x", "--smoke", "--root", "/proc/leakbench-nope"],
-     r"--root '/proc/leakbench-nope/v2-smoke': cannot write there"),
+     r"--root '/proc/leakbench-nope/v3-smoke': cannot write there"),
     ("submit-bad-name", ["submit", "builtin:none", "--name", "Bad Name", "--smoke", "--root", "{tmp}/board"],
      r"--name 'Bad Name' is invalid"),
     ("submit-missing-file", ["submit", "{tmp}/nofile.py:X", "--name", "x", "--smoke", "--root", "{tmp}/board"],

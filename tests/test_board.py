@@ -109,7 +109,7 @@ def test_nan_and_file_placement_are_rejected(tmp_path):
         load_entry(path)
     # a file whose protocol differs from its folder, or whose name differs from its file name
     wrong_folder = fx.write_entry(tmp_path, entry(), protocol="v1")
-    with pytest.raises(ConfigError, match=r'protocol is "v2-smoke"; allowed: "v1", the folder'):
+    with pytest.raises(ConfigError, match=r'protocol is "v3-smoke"; allowed: "v1", the folder'):
         load_entry(wrong_folder)
     wrong_file = fx.write_entry(tmp_path, entry(), name="other")
     with pytest.raises(ConfigError, match=r'name is "clipped-noise"; allowed: "other"'):
@@ -120,9 +120,9 @@ def test_nan_and_file_placement_are_rejected(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="the entry is a list; allowed: an object with keys schema_version"):
         load_entry(path)
-    (tmp_path / "v2-smoke" / "broken.json").write_text("{")
+    (tmp_path / "v3-smoke" / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
-        load_entry(tmp_path / "v2-smoke" / "broken.json")
+        load_entry(tmp_path / "v3-smoke" / "broken.json")
 
 
 def test_floors_measured_apart_each_flag_their_own_entry():
@@ -288,7 +288,7 @@ def test_leaderboard_render_writes_markdown_and_html(tmp_path, capsys):
     fx.write_board(tmp_path)
     assert main(["leaderboard", "--root", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert render_markdown(fx.PROTOCOL, load_board(fx.PROTOCOL, tmp_path), html_link="v2-smoke/index.html") in readme
+    assert render_markdown(fx.PROTOCOL, load_board(fx.PROTOCOL, tmp_path), html_link="v3-smoke/index.html") in readme
     assert (tmp_path / fx.PROTOCOL / "index.html").read_text().count("<tr data-name") == len(fx.BOARD)
     assert "README.md" in capsys.readouterr().out
     # no entries at all: the index says so; a named protocol gets an empty board
@@ -330,7 +330,7 @@ def test_leaderboard_verify_dispatches_to_leaderboard_verify(tmp_path, monkeypat
     # no ENTRY: it verifies the whole board of the (default) protocol
     monkeypatch.setenv("LEAKBENCH_DATA_DIR", "env-mirror")
     assert main(["leaderboard", "verify"]) == 3
-    assert calls[-1] == ([], Path("leaderboards"), "v2-smoke", "env-mirror")
+    assert calls[-1] == ([], Path("leaderboards"), "v3-smoke", "env-mirror")
 
 
 def test_every_leak_rate_has_its_targets_and_interval_and_each_harm_its_worst_case(tmp_path):

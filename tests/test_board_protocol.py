@@ -48,40 +48,62 @@ def pruned_task(data, *, ratio: float, index: int = 0) -> tuple[AttackTask, torc
 
 def test_shipped_protocols_state_what_the_issue_asks():
     known = protocols()
-    assert set(known) == {"v1", "v1-smoke", "v2", "v2-smoke"}
+    assert set(known) == {"v1", "v1-smoke", "v2", "v2-smoke", "v3", "v3-smoke"}
     for name, protocol in known.items():
         grid = load_grid(protocol.grid)
         attacks = [a.name for a in grid.attacks]
         assert {"dlg", "idlg", "dlg-batched", "dlg-adaptive", "idlg-adaptive"} <= set(attacks)
         for a in grid.attacks:
-            if a.name.endswith("-adaptive"):
+            if a.name in ("dlg-adaptive", "idlg-adaptive"):
                 assert a.params["restarts"] >= 2 and len(a.params["lr_sweep"]) >= 2
         assert grid.seeds == [0] and [m.name for m in grid.models] == ["lenet-zhu"]
         assert 0 < protocol.accuracy_floor_fraction < 1
         assert {"accuracy", "leak_rate_samples", "psnr_median", "ssim_median", "psnr_ceiling"} == set(protocol.tolerance)
         assert protocol.version == name[:2]
-    # v1 is kept readable, closed to new entries; v2 takes them
+    # v1 and v2 are kept readable, closed to new entries; v3 takes them
     assert known["v1-smoke"].superseded_by == "v2-smoke" and known["v1"].superseded_by == "v2"
-    assert current_protocols() == ["v2-smoke", "v2"]
-    smoke, full = load_grid(known["v2-smoke"].grid), load_grid(known["v2"].grid)
+    assert known["v2-smoke"].superseded_by == "v3-smoke" and known["v2"].superseded_by == "v3"
+    assert current_protocols() == ["v3-smoke", "v3"]
+    smoke, full = load_grid(known["v3-smoke"].grid), load_grid(known["v3"].grid)
     # enough targets that a leak rate's interval can separate entries (16: 0% reads [0-19%], 100% [81-100%])
     assert [d.name for d in smoke.datasets] == ["digits"] and smoke.targets >= 16
     assert full.targets >= 16 and all(d.params["image_size"] == 32 for d in full.datasets)
-    for name in ("v2-smoke", "v2"):
+    for name in ("v2-smoke", "v2", "v3-smoke", "v3"):
         inversion = next(c for c in load_grid(known[name].grid).cells() if c.attack.name == "model-inversion")
         assert inversion.attack.params["starts"] >= 16
-    with pytest.raises(ConfigError, match="unknown protocol 'v3'"):
-        load_protocol("v3")
-    with pytest.raises(ConfigError, match=r"protocol 'v1-smoke' is superseded by 'v2-smoke' and takes no new "
-                                          r"entries; allowed: v2-smoke, v2"):
-        load_protocol("v1-smoke", for_submission=True)
+    with pytest.raises(ConfigError, match="unknown protocol 'v4'"):
+        load_protocol("v4")
+    with pytest.raises(ConfigError, match=r"protocol 'v2-smoke' is superseded by 'v3-smoke' and takes no new "
+                                          r"entries; allowed: v3-smoke, v3"):
+        load_protocol("v2-smoke", for_submission=True)
+
+
+@pytest.mark.parametrize("name", ["v3-smoke", "v3"])
+def test_v3_adds_inverting_gradients_a_fedavg_setting_and_membership_inference(name):
+    """Issue #18: the protocols run Inverting Gradients (and its adaptive variant) and attack a
+    federated-averaging update whose local steps the attacker replays; each attack on a FedAvg update
+    has its own score in an entry (``attack_key``), beside the same attack on a gradient."""
+    from leakbench.threat import attack_key, attack_of_key
+
+    cells = load_grid(protocols()[name].grid).cells()
+    fedsgd = {c.attack.name for c in cells if c.grid.threat.get("local_steps", 1) == 1}
+    fedavg = [c for c in cells if c.grid.threat.get("local_steps", 1) > 1]
+    assert {"inverting-gradients", "inverting-gradients-adaptive", "membership-loss"} <= fedsgd
+    assert {c.attack.name for c in fedavg} == {"dlg", "inverting-gradients"}
+    for cell in fedavg:
+        assert ATTACKS.get(cell.attack.name).replays_local_training
+        assert cell.attack.params["batch_size"] >= 2 and cell.grid.threat["local_batch_size"] == 1
+        record = {"attack": cell.attack.name, "threat": dict(cell.grid.threat)}
+        assert attack_key(record) == f"{cell.attack.name}.fedavg"
+        assert attack_of_key(attack_key(record)) == cell.attack.name
+    assert len({attack_key({"attack": c.attack.name, "threat": dict(c.grid.threat)}) for c in cells}) == len(cells)
 
 
 def test_v2_protocols_train_every_part_with_one_recipe():
     """The fake-defense report: v1 trained the accuracy column with Adam and model inversion's MLP with
     SGD, so a defense could keep one and break the other. v2 states one optimiser, learning rate and
     batch size for every part, and refuses a protocol file whose parts disagree."""
-    for name in ("v2-smoke", "v2"):
+    for name in ("v2-smoke", "v2", "v3-smoke", "v3"):
         protocol = load_protocol(name)
         grid = load_grid(protocol.grid)
         recipes = {g.name: recipe_of(g) for g in grid.all_grids()}
@@ -100,20 +122,24 @@ def test_protocols_add_model_inversion_everywhere_and_the_gan_attack_on_the_gpu_
     """Model inversion (both protocols) attacks an MLP, the model it works on, trained under the defense:
     digits for the smoke protocols, MNIST for the GPU ones. gan-active runs in the GPU protocols only (MNIST, 12 rounds); the smoke files say
     why it leaves the GAN attacks out. Each attack runs in one cell, so an entry has one score per attack."""
-    cells = {name: {c.attack.name: c for c in load_grid(p.grid).cells()} for name, p in protocols().items()}
-    for name, dataset in (("v1-smoke", "digits"), ("v1", "mnist"), ("v2-smoke", "digits"), ("v2", "mnist")):
+    from leakbench.threat import attack_key
+
+    cells = {name: {attack_key({"attack": c.attack.name, "threat": dict(c.grid.threat)}): c
+                    for c in load_grid(p.grid).cells()} for name, p in protocols().items()}
+    for name, dataset in (("v1-smoke", "digits"), ("v1", "mnist"), ("v2-smoke", "digits"), ("v2", "mnist"),
+                          ("v3-smoke", "digits"), ("v3", "mnist")):
         assert len(cells[name]) == len(load_grid(protocols()[name].grid).cells())  # no attack twice
         inversion = cells[name]["model-inversion"]
         assert ATTACKS.get("model-inversion").setting == "model"
         assert (inversion.model.name, inversion.model.params["activation"]) == ("mlp", "sigmoid")
         assert inversion.dataset.name == dataset and [d.name for d in inversion.grid.defenses] == ["none"]
     assert {"gan-active", "gan-passive"}.isdisjoint(cells["v1-smoke"]) and {"gan-active"}.isdisjoint(cells["v2-smoke"])
-    assert "gan-active" in cells["v2"]
+    assert "gan-active" in cells["v2"] and "gan-active" in cells["v3"] and "gan-active" not in cells["v3-smoke"]
     gan = cells["v1"]["gan-active"]
     assert ATTACKS.get("gan-active").setting == "collaborative"
     assert gan.dataset.name == "mnist" and gan.protocol()["max_rounds"] == 12
     assert gan.model.params["extra_class"] is True  # the adversary's artificial class
-    smoke_file = load_grid(protocols()["v2-smoke"].grid)
+    smoke_file = load_grid(protocols()["v3-smoke"].grid)
     assert "GAN" in smoke_file.description and "CPU" in smoke_file.description
 
 
@@ -215,9 +241,9 @@ def test_the_cosine_restart_recovers_a_rescaled_update_the_l2_runs_cannot(digits
 
 def test_verify_passes_on_an_honest_entry_and_fails_on_a_tampered_one(tmp_path, capsys):
     root = tmp_path / "board"
-    tiny = {**TINY, "targets": 3}  # v2-smoke tolerates one sample's flip: 3 targets make a full flip visible
+    tiny = {**TINY, "targets": 3}  # v3-smoke tolerates one sample's flip: 3 targets make a full flip visible
     path, entry = submit("builtin:pruning", name="pruning-0.5", params={"ratio": 0.5}, root=root, overrides=tiny)
-    assert verify_entries([path], root=root, protocol="v2-smoke", data_dir=None, overrides=tiny) == 0
+    assert verify_entries([path], root=root, protocol="v3-smoke", data_dir=None, overrides=tiny) == 0
     assert capsys.readouterr().out.startswith(f"ok   {path}")
 
     tampered = json.loads(path.read_text())
@@ -229,7 +255,7 @@ def test_verify_passes_on_an_honest_entry_and_fails_on_a_tampered_one(tmp_path, 
     leaks = {a: s["leak_rate"] for a, s in tampered["attacks"].items()}
     tampered["worst_case"] = {"leak_rate": max(leaks.values()), "attack": max(leaks, key=leaks.get)}
     path.write_text(json.dumps(tampered))
-    assert verify_entries([path], root=root, protocol="v2-smoke", data_dir=None, overrides=tiny) == 1
+    assert verify_entries([path], root=root, protocol="v3-smoke", data_dir=None, overrides=tiny) == 1
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"FAIL {path}") and "accuracy.value" in line and f"{first} leak rate" in line
     assert "\n" not in line
@@ -241,9 +267,23 @@ def test_verify_compares_psnr_below_the_ceiling_only():
     of tolerance applies as before, and a recovery that fell below the ceiling is still caught."""
     from leakbench.leaderboard.verify import close
 
-    tolerance = load_protocol("v2-smoke").tolerance
+    tolerance = load_protocol("v3-smoke").tolerance
     assert close("psnr_median", 84.394, 83.329, tolerance)
     assert close("psnr_median", 60.5, 97.0, tolerance)
     assert not close("psnr_median", 45.0, 83.3, tolerance)          # no longer near-perfect: a real change
     assert close("psnr_median", 20.4, 20.0, tolerance) and not close("psnr_median", 21.5, 20.0, tolerance)
     assert not close("ssim_median", 0.9, 1.0, tolerance) and close("ssim_median", 0.97, 1.0, tolerance)
+
+
+def test_the_cli_and_seeding_default_to_the_current_cpu_protocol():
+    """A new protocol version moves every default with it (submit, verify, --smoke, seeding)."""
+    import inspect
+
+    from leakbench import cli
+    from leakbench.leaderboard import builtin_entries, submit
+
+    smoke = current_protocols()[0]
+    assert smoke.endswith("-smoke")
+    assert cli.DEFAULT_BOARD_PROTOCOL == cli.SMOKE_PROTOCOL == smoke
+    assert inspect.signature(submit.submit).parameters["protocol"].default == smoke
+    assert f'default="{smoke}"' in inspect.getsource(builtin_entries.main)

@@ -124,9 +124,45 @@ def test_replaying_local_training_recovers_a_fedavg_update_that_one_gradient_doe
 
 
 def test_attacks_that_do_not_replay_local_training_are_refused_under_fedavg():
-    grid = {**GRID, "attacks": ["dlg-adaptive"], "threat": {"local_steps": 3}}
-    with pytest.raises(ConfigError) as err:
-        parse_grid(grid)
-    assert "attack 'dlg-adaptive' does not replay federated averaging's local steps" in str(err.value)
-    assert "allowed: dlg" in str(err.value)
-    parse_grid({**grid, "threat": {"local_steps": 1}})  # FedSGD: every gradient attack runs
+    from leakbench import register_attack
+    from leakbench.attacks.dlg import DLG
+
+    @register_attack("dlg-one-gradient")
+    class OneGradient(DLG):
+        """DLG that matches the update as if it were one gradient."""
+        replays_local_training = False
+
+    try:
+        grid = {**GRID, "attacks": ["dlg-one-gradient"], "threat": {"local_steps": 3}}
+        with pytest.raises(ConfigError) as err:
+            parse_grid(grid)
+        assert "attack 'dlg-one-gradient' does not replay federated averaging's local steps" in str(err.value)
+        assert "allowed: dlg" in str(err.value)
+        parse_grid({**grid, "threat": {"local_steps": 1}})  # FedSGD: every gradient attack runs
+    finally:
+        ATTACKS.remove("dlg-one-gradient")
+
+
+REPLAYING = [n for n in ATTACKS.list() if getattr(ATTACKS.get(n), "replays_local_training", False)]
+
+
+@pytest.mark.parametrize("name", REPLAYING)
+def test_every_attack_that_says_it_replays_local_training_matches_the_fedavg_update_better(name):
+    """An attack that claims to replay FedAvg's local steps ends nearer the true images when its task
+    carries the local training than when it is told the update is one gradient (same budget, same
+    start): the claim is checked, not trusted."""
+    data, x, soft = _batch(n=1)
+    model = build_model("lenet-zhu", data.shape, data.num_classes, seed=0)
+    local = LocalTraining(steps=3, lr=0.5, batch_size=1)
+    shared = DEFENSES.build("none").share_after_local_training(model, x, soft, local)
+    budget = {"steps": 150, "restarts": 1} if "inverting" in name else {"steps": 40}
+    if getattr(ATTACKS.get(name), "adaptive", False) and "inverting" not in name:  # one run, not restarts x step sizes
+        budget.update(steps=20, restarts=1, lr_sweep=[1.0], cosine_restart=False)
+    attack = ATTACKS.build(name, budget)
+    errors = []
+    for told in (local, None):
+        task = AttackTask(model=model, shared=shared, input_shape=data.shape, num_classes=data.num_classes,
+                          batch_size=1, seed=0, local_training=told)
+        rec = attack.run([task])[0]
+        errors.append(float(((rec.images - x) ** 2).mean()))
+    assert errors[0] < errors[1], errors

@@ -43,7 +43,7 @@ def smoke_attacks():
     training epoch, no model inversion: the attacks are what is under test. (idlg-adaptive reads its
     labels from the shared update as it is, so a permuted update costs it its labels; dlg-adaptive
     optimises them, and one adaptive attack that leaks sets the worst case.)"""
-    protocol = load_protocol("v2-smoke")
+    protocol = load_protocol("v3-smoke")
     attacks = [a for a in protocol.grid_raw()["attacks"] if a["name"] in ("dlg", "dlg-adaptive")]
     assert {a["name"] for a in attacks} == {"dlg", "dlg-adaptive"}
     overrides = {"attacks": attacks, "targets": 2, "subgrids": [],

@@ -13,7 +13,7 @@ from leakbench.leaderboard.sandbox import SandboxLimits, SubmissionError
 from leakbench.leaderboard.schema import load_board, load_entry
 from leakbench.leaderboard.submit import submit
 
-# A tiny protocol override: the v2-smoke structure with budgets small enough for the test suite.
+# A tiny protocol override: the v3-smoke structure with budgets small enough for the test suite.
 TINY = {
     "datasets": [{"name": "digits", "params": {"image_size": 8}}],
     "attacks": [{"name": "dlg", "params": {"steps": 4}},
@@ -69,15 +69,15 @@ def test_broken_defense_fails_with_one_line_and_writes_nothing(tmp_path, kind):
 
 def test_cli_reports_a_crash_on_one_line_with_exit_2(tmp_path, capsys):
     root = tmp_path / "board"
-    (root / "v2-smoke").mkdir(parents=True)
-    (root / "v2-smoke" / "kept.json").write_text("{}")
+    (root / "v3-smoke").mkdir(parents=True)
+    (root / "v3-smoke" / "kept.json").write_text("{}")
     code = main(["submit", defense_file(tmp_path, "raise ValueError('no')"), "--name", "broken",
                  "--root", str(root), "--smoke", *(["--trust-code"] if NO_SANDBOX else [])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("leakbench: error: submitted defense") and "ValueError: no" in err[-1]
     assert not any("Traceback" in line for line in err)
-    assert board_files(root) == ["v2-smoke", "v2-smoke/kept.json"]  # the board is untouched
+    assert board_files(root) == ["v3-smoke", "v3-smoke/kept.json"]  # the board is untouched
 
 
 def test_timeout_kills_the_sandbox(tmp_path):
@@ -116,9 +116,9 @@ def test_worked_example_submits_and_appears_on_the_board(tmp_path):
     path, entry = submit("examples/defenses/clipped_noise.py:ClippedNoise", name="clipped-noise", authors="tests",
                          params={"clip": 1.0, "noise_ratio": 0.5}, root=root, overrides=TINY, limits=FAST,
                          reported={"claim": "robust"})
-    assert path == root / "v2-smoke" / "clipped-noise.json"
+    assert path == root / "v3-smoke" / "clipped-noise.json"
     loaded = load_entry(path)  # the board's validator accepts it
-    assert [e.name for e in load_board("v2-smoke", root)] == ["clipped-noise"]
+    assert [e.name for e in load_board("v3-smoke", root)] == ["clipped-noise"]
     assert loaded.data["defense"] == {"source": "file:examples/defenses/clipped_noise.py:ClippedNoise",
                                       "params": {"clip": 1.0, "noise_ratio": 0.5}}
     assert set(entry["attacks"]) == {"dlg", "dlg-adaptive"}
@@ -226,7 +226,7 @@ def test_a_defense_that_tries_to_tell_the_runs_apart_gains_nothing(tmp_path, mon
 
 # -- attacks on the trained model and inside the collaborative protocol ---------------------------------
 
-# The v2-smoke model-inversion subgrid's structure (an MLP on the digits) with test-sized budgets.
+# The v3-smoke model-inversion subgrid's structure (an MLP on the digits) with test-sized budgets.
 TINY_INVERSION = {
     "name": "tiny-inversion",
     "datasets": [{"name": "digits", "params": {"image_size": 8}}],
@@ -356,7 +356,7 @@ def test_gan_uploads_go_through_the_submitted_transform(tmp_path):
     path = tmp_path / "zero_uploads.py"
     path.write_text(textwrap.dedent(ZERO_UPLOADS).replace("LOG", repr(str(log))))
     source = DefenseSource.parse(f"{path}:ZeroUploads")
-    protocol = load_protocol("v2-smoke")
+    protocol = load_protocol("v3-smoke")
     # the defense logs its calls to a file of the test's: outside the bubblewrap sandbox, which would
     # refuse that write (tests/test_sandbox.py proves it), so this trusted test code runs unconfined
     trusted = SandboxLimits(timeout_s=120, memory_mb=4096, trust_code=True)
@@ -469,3 +469,79 @@ def test_a_defense_that_answers_differently_when_differentiated_is_caught(tmp_pa
         mapped = space.apply(dummy)
         with pytest.raises(SubmissionError, match="another result when it is differentiated"):
             sum(m.sum() for m in mapped).backward()
+
+
+# -- federated averaging ---------------------------------------------------------------------------------
+
+CLIPPED_STEPS = """
+    import torch
+    from leakbench import Defense
+
+    class ClippedSteps(Defense):
+        # its own compute_update (each local step's gradient scaled to norm at most 0.5) and transform
+        def compute_update(self, model, x, soft_labels, *, generator=None):
+            update = super().compute_update(model, x, soft_labels, generator=generator)
+            norm = torch.sqrt(sum((u ** 2).sum() for u in update))
+            return [u * min(1.0, 0.5 / float(norm)) for u in update]
+
+        def transform(self, update, *, generator=None):
+            return [u + 0.001 * torch.randn(u.shape, generator=generator) for u in update]
+"""
+
+
+def test_a_submitted_defense_shares_a_fedavg_update_as_it_does_in_process(tmp_path):
+    """Under federated averaging the sandbox runs the victim's local steps with the submission's own
+    compute_update, then its transform, in the same "share" request as FedSGD (so the defense cannot
+    tell an attacked FedAvg update apart): the update equals the same class's run in process, and
+    differs from the FedSGD share of the same batch."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    from leakbench.data import load
+    from leakbench.leaderboard.sandbox import DefenseSource, submitted_defense
+    from leakbench.models import build_model
+    from leakbench.registry import DEFENSES
+    from leakbench.threat import LocalTraining
+
+    path = tmp_path / "clipped_steps.py"
+    path.write_text(textwrap.dedent(CLIPPED_STEPS))
+    data = load("digits", "test", image_size=8)
+    x, soft = data.images[:2], F.one_hot(data.labels[:2], data.num_classes).float()
+    model = build_model("lenet-zhu", data.shape, data.num_classes, seed=0)
+    local = LocalTraining(steps=3, lr=0.1, batch_size=1)
+    spec = importlib.util.spec_from_file_location("clipped_steps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # the sandbox seeds the child's generator with a draw from the caller's: the in-process run does too
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
+    in_process = module.ClippedSteps().share_after_local_training(
+        model, x, soft, local, generator=torch.Generator().manual_seed(seed))
+    with submitted_defense(DefenseSource.parse(f"{path}:ClippedSteps"), {}, name="clipped-steps",
+                           limits=FAST) as submitted:
+        defense = DEFENSES.build(submitted.registry_name, submitted.params)
+        sandboxed = defense.share_after_local_training(model, x, soft, local,
+                                                       generator=torch.Generator().manual_seed(7))
+        fedsgd = defense.share(model, x, soft, generator=torch.Generator().manual_seed(7))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sandboxed, in_process))
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(sandboxed, fedsgd))
+
+
+def test_a_submitted_defense_cannot_claim_a_secure_aggregate(tmp_path):
+    """How many clients a secure aggregate hides the victim among is the deployment's, not something a
+    submitted defense's code does: a class that sets it is refused, so no entry is credited for an
+    aggregation its protocol never ran (the built-in secure-aggregation is leakbench's own code and
+    runs in process, where the attacked cells simulate the other clients)."""
+    root = tmp_path / "board"
+    path = tmp_path / "many_clients.py"
+    path.write_text(textwrap.dedent("""
+        from leakbench import Defense
+
+        class ManyClients(Defense):
+            def aggregated_clients(self):
+                return 1024
+    """))
+    with pytest.raises(ConfigError, match=r"overrides aggregated_clients; a submitted defense implements transform"):
+        submit(f"{path}:ManyClients", name="many-clients", root=root, overrides=TINY, limits=FAST)
+    assert board_files(root) == []

@@ -22,6 +22,7 @@ from ..storage import atomic_write_text
 from ..version import __version__
 from .protocol import Measured, Protocol
 from .sandbox import DefenseSource
+from ..threat import attack_key
 from .schema import SCHEMA_VERSION, validate_entry
 
 
@@ -59,9 +60,10 @@ def _hardware(device: str) -> str:
 def build_entry(measured: Measured, *, protocol: Protocol, name: str, authors: str, link: str | None,
                 source: DefenseSource, reported: dict | None = None) -> dict:
     records = measured.records
-    attacks = {r["attack"]: attack_scores(r) for r in records}
+    attacks = {attack_key(r): attack_scores(r) for r in records}
     if len(attacks) != len(records):  # an entry holds one score per attack: a repeat would hide one
-        repeated = sorted({r["attack"] for r in records if sum(o["attack"] == r["attack"] for o in records) > 1})
+        names = [attack_key(r) for r in records]
+        repeated = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"protocol {protocol.name} runs {', '.join(repeated)} in more than one cell; "
                           f"allowed: each attack once (an entry holds one score per attack)")
     worst = max(attacks, key=lambda a: (attacks[a]["leak_rate"], -list(attacks).index(a)))

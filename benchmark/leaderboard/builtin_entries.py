@@ -1,5 +1,5 @@
 """The built-in defenses as board entries, at the papers' settings: ``python -m
-leakbench.leaderboard.builtin_entries seed --protocol v2-smoke`` (re-)writes them."""
+leakbench.leaderboard.builtin_entries seed --protocol v3-smoke`` (re-)writes them."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,8 @@ SEED_SETTINGS: list[tuple[str, str, dict]] = [
     *[(f"quantization-{f}", "quantization", {"format": f}) for f in ("fp16", "bf16", "int8")],
     ("large-batch-4", "large-batch", {"batch_size": 4}),
     ("dp-sgd-z1-c1", "dp-sgd", {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "rounds": 30}),
+    # secure aggregation of 4 clients (issue #18), from protocol v3 on
+    ("secure-aggregation-4", "secure-aggregation", {"clients": 4}),
 ]
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Seed a leaderboard with the built-in defenses.")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("seed")
-    s.add_argument("--protocol", default="v2-smoke")
+    s.add_argument("--protocol", default="v3-smoke")
     s.add_argument("--root", default=str(DEFAULT_ROOT))
     s.add_argument("--replace", action="store_true")
     s.add_argument("--only", nargs="*", help="seed only these entry names")

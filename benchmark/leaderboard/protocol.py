@@ -24,6 +24,7 @@ from ..cells.base import record_kind
 from ..errors import ConfigError
 from ..run.grid import Cell, ComponentSpec, parse_grid, read_grid_yaml, resolve_grid_path
 from ..run.runner import Runner, RunOptions
+from ..threat import attack_key
 from ..yaml_config import deep_merge, relative_to
 from .sandbox import DefenseSource, SandboxLimits, submitted_defense
 
@@ -32,7 +33,7 @@ PROTOCOLS_FILE = "_leaderboard"
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str                      # v2, v2-smoke: the board folder
+    name: str                      # v3, v3-smoke: the board folder
     version: str
     grid: str                      # the shipped grid that states the runs
     accuracy_floor_fraction: float
@@ -191,5 +192,5 @@ def protocol_grid(raw: dict, defense: dict, *, source: str):
 def progress_line(record: dict) -> str:
     """One line per attack cell while a submission runs."""
     m = record["metrics"]
-    return (f"  {record['attack']:<15} leak {m['leak_rate']:.0%}  {record_kind(record).progress(m)}  "
+    return (f"  {attack_key(record):<18} leak {m['leak_rate']:.0%}  {record_kind(record).progress(m)}  "
             f"accuracy {record['accuracy']:.1%}  ({record['wall_seconds']:.1f} s)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..cells.base import CLASS_REPRESENTATIVES, MEMBERSHIP, RECORD_RECONSTRUCTION, kind_of_attack
 from ..registry import ATTACKS, CELL_KINDS
 from ..scoring.intervals import leak_interval
+from ..threat import attack_of_key
 from .schema import Entry
 
 # the harms a board reports apart (the kinds of cell state theirs), in the order of its columns; a
@@ -55,7 +56,8 @@ def leak_text(leak_rate: float | None, targets: int | None) -> str:
 
 def threat_model_of(attack: str) -> str:
     """The harm an attack's records measure: its kind of cell's threat model ("other" when the attack is
-    not registered here, e.g. a plugin that is not installed)."""
+    not registered here, e.g. a plugin that is not installed); ``attack`` is a score's key (``attack_key``)."""
+    attack = attack_of_key(attack)
     if attack in ATTACKS and ATTACKS.get(attack).setting in CELL_KINDS:
         return kind_of_attack(attack).threat_model
     return "other"

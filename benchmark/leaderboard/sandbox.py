@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,7 +43,7 @@ from ..defenses.base import Defense
 from ..errors import ConfigError
 from ..params import Param
 from ..registry import DEFENSES
-from ..threat import AttackerMap, Replay, replayed_map
+from ..threat import AttackerMap, LocalTraining, Replay, replayed_map
 from .bubblewrap import confine, require_bwrap
 from .sandbox_worker import check_update as check_by_the_rules
 
@@ -277,12 +277,22 @@ def sandboxed_defense_class(sandbox: DefenseSandbox, info: dict) -> type[Defense
 
         def share(self, model: nn.Module, x: torch.Tensor, soft_labels: torch.Tensor, *,
                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
+            return self._share(model, x, soft_labels, None, generator)
+
+        def share_after_local_training(self, model: nn.Module, x: torch.Tensor, soft_labels: torch.Tensor,
+                                       local: LocalTraining, *, generator: torch.Generator | None = None
+                                       ) -> list[torch.Tensor]:
+            # the child runs the local steps with the submitted compute_update, then its transform, in the
+            # same "share" request as FedSGD: the defense cannot tell an attacked FedAvg update apart
+            return self._share(model, x, soft_labels, asdict(local), generator)
+
+        def _share(self, model, x, soft_labels, local: dict | None, generator) -> list[torch.Tensor]:
             # the child's randomness is a seed drawn from the caller's generator: reproducible per cell
             seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
             device = x.device
             model_bytes = pickle.dumps(model.cpu() if device.type == "cpu" else _cpu_copy(model))
-            value, update = sandbox.request(("share", model_bytes, x.detach().cpu(), soft_labels.detach().cpu(), seed),
-                                            what="share")
+            value, update = sandbox.request(("share", model_bytes, x.detach().cpu(), soft_labels.detach().cpu(), seed,
+                                             local), what="share")
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             return [u.to(device) for u in check_update(update, named, sandbox.label)]
 

@@ -31,6 +31,7 @@ import torch
 from ..catalog import load_all
 from ..defenses.base import Defense
 from ..registry import DEFENSES
+from ..threat import LocalTraining
 
 MAX_LIST = 10_000  # bound on anything list-like a defense reports (params, claims)
 
@@ -179,7 +180,10 @@ def serve(conn: Connection) -> None:
                 cls = load_defense_class(spec)
                 if not isinstance(cls, type) or not issubclass(cls, Defense):
                     raise TypeError(f"{getattr(cls, '__name__', cls)!r} is not a subclass of leakbench.Defense")
-                overridden = [m for m in ("share", "accuracy_run") if getattr(cls, m) is not getattr(Defense, m)]
+                # aggregated_clients is the deployment's (how many clients a secure aggregate hides the victim
+                # among), not a transform: an entry that set it would be credited for a protocol it never ran
+                overridden = [m for m in ("share", "accuracy_run", "share_after_local_training", "aggregated_clients")
+                              if getattr(cls, m) is not getattr(Defense, m)]
                 where = "constructor"
                 defense = cls(**given)
                 info = {"family": str(getattr(cls, "family", "other")), "params": defense.get_params(),
@@ -191,13 +195,24 @@ def serve(conn: Connection) -> None:
                 value = defense.victim_batch_size(int(request[1]))
                 reply.ok(value if isinstance(value, int) and not isinstance(value, bool) else repr(value))
             elif kind == "share":
-                _, model_bytes, x, soft_labels, seed = request
+                # ``local``: federated averaging's local training as a dict of LocalTraining's fields, or
+                # None for FedSGD; either way the defense sees compute_update calls, then one transform
+                _, model_bytes, x, soft_labels, seed, local = request
                 model = pickle.loads(model_bytes)
                 params = [p for p in model.parameters() if p.requires_grad]
                 generator = torch.Generator().manual_seed(seed)
                 where = "compute_update"
-                raw = check_update(defense.compute_update(model, x, soft_labels, generator=generator), params,
-                                    "compute_update")
+
+                def step_update(m, xb, sb):
+                    return check_update(defense.compute_update(m, xb, sb, generator=generator),
+                                        [p for p in m.parameters() if p.requires_grad], "compute_update")
+
+                training = LocalTraining(**local) if local else None
+                if training is None or training.fedsgd(len(x) // training.clients):
+                    raw = step_update(model, x, soft_labels)
+                else:
+                    raw = check_update(training.victim_update(model, x, soft_labels, step_update), params,
+                                       "compute_update")
                 where = "transform"
                 reply.ok(None, apply_transform(defense, raw, [generator])[1])
             elif kind in ("transform", "replay"):

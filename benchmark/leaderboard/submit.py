@@ -14,7 +14,7 @@ from .schema import DEFAULT_ROOT, check_name
 
 
 def submit(spec: str, *, name: str, authors: str = "anonymous", link: str | None = None,
-           params: dict | None = None, protocol: str = "v2-smoke", reported: dict | None = None,
+           params: dict | None = None, protocol: str = "v3-smoke", reported: dict | None = None,
            root: Path = DEFAULT_ROOT, replace: bool = False, limits: SandboxLimits | None = None,
            data_dir: str | None = None, device: str = "cpu", overrides: dict | None = None,
            progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:

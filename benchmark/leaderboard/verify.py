@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from .build import attack_scores
 from .protocol import Measured, load_protocol, run_protocol
 from .sandbox import DefenseSource, SandboxLimits
+from ..threat import attack_key
 from .schema import load_entry
 
 
@@ -31,7 +32,7 @@ def compare(entry: dict, measured: Measured, tolerance: dict) -> list[str]:
         if abs(float(now) - float(was)) > acc_tol + 1e-9:
             problems.append(f"accuracy.{key} {float(now):.4f} vs entry {float(was):.4f} (tolerance {acc_tol:g})")
     for record in measured.records:
-        attack = record["attack"]
+        attack = attack_key(record)
         was = entry["attacks"].get(attack)
         if was is None:
             problems.append(f"attack {attack} missing from the entry")
@@ -72,7 +73,7 @@ def verify_entries(paths: list[Path], *, root: Path, protocol: str, data_dir: st
             failed += 1
             continue
         problems = compare(entry, measured, chosen.tolerance)
-        cells = ", ".join(["accuracy", "baseline"] + [r["attack"] for r in measured.records])
+        cells = ", ".join(["accuracy", "baseline"] + [attack_key(r) for r in measured.records])
         took = time.perf_counter() - started
         if problems:
             failed += 1

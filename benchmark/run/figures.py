@@ -11,6 +11,7 @@ import matplotlib
 import numpy as np
 
 from ..registry import DATASETS, Registry
+from ..threat import attack_key
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -48,10 +49,10 @@ def image_grids(out: Path, records: list[dict], marks: dict[str, str], max_sampl
     key); for GAN attacks and model inversion the 'originals' are each sample's nearest real image of the
     victim's class."""
     written = []
-    blocks = dict.fromkeys((r["attack"], r["dataset"], r["model"]) for r in records)
+    blocks = dict.fromkeys((attack_key(r), r["dataset"], r["model"]) for r in records)
     for attack, dataset, model in blocks:
-        first = next(r for r in records if (r["attack"], r["dataset"], r["model"]) == (attack, dataset, model))
-        rows = [r for r in records if (r["attack"], r["dataset"], r["model"], r["seed"])
+        first = next(r for r in records if (attack_key(r), r["dataset"], r["model"]) == (attack, dataset, model))
+        rows = [r for r in records if (attack_key(r), r["dataset"], r["model"], r["seed"])
                 == (attack, dataset, model, first["seed"])]
         loaded = []
         for r in rows:
@@ -105,9 +106,9 @@ def text_transcripts(out: Path, records: list[dict], marks: dict[str, str]) -> l
     each recorded step, marked with the table's verdict, with token accuracy and exact match (DLG Table 1's
     layout: iterations down, examples across, here one table per sentence)."""
     written = []
-    blocks = dict.fromkeys((r["attack"], r["dataset"], r["model"]) for r in records)
+    blocks = dict.fromkeys((attack_key(r), r["dataset"], r["model"]) for r in records)
     for attack, dataset, model in blocks:
-        rows = [r for r in records if (r["attack"], r["dataset"], r["model"]) == (attack, dataset, model)]
+        rows = [r for r in records if (attack_key(r), r["dataset"], r["model"]) == (attack, dataset, model)]
         rows = [r for r in rows if r["seed"] == rows[0]["seed"]]
         lines = [f"# {attack} on {dataset} / {model} (seed {rows[0]['seed']})", ""]
         for r in rows:
@@ -175,8 +176,8 @@ def roc_plots(out: Path, records: list[dict]) -> list[Path]:
     first seed), its TPR at 1% FPR in the legend, and the chance diagonal."""
     written = []
     with_roc = [r for r in records if r.get("roc")]
-    for attack, dataset, model in dict.fromkeys((r["attack"], r["dataset"], r["model"]) for r in with_roc):
-        rows = [r for r in with_roc if (r["attack"], r["dataset"], r["model"]) == (attack, dataset, model)]
+    for attack, dataset, model in dict.fromkeys((attack_key(r), r["dataset"], r["model"]) for r in with_roc):
+        rows = [r for r in with_roc if (attack_key(r), r["dataset"], r["model"]) == (attack, dataset, model)]
         rows = [r for r in rows if r["seed"] == rows[0]["seed"]]
         fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
         floor = 1.0 / max(2, max(r["metrics"].get("nonmembers", 2) for r in rows))

@@ -16,6 +16,7 @@ from ..registry import CELL_KINDS
 from ..scoring.class_leak import describe_controls
 from ..scoring.reconstruction import censored_median
 from ..storage import atomic_write_text
+from ..threat import attack_key
 from .figures import DEFENDED, LEAKS, NO_VERDICT, render_samples, roc_plots, tradeoff_plots
 from .results import ResultsStore, missing_field
 
@@ -41,7 +42,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         setting = r.get("threat", {}).get("setting", "gradient")  # records before settings were recorded
         rows.append({
             "dataset": r["dataset"], "model": r["model"], "seed": r["seed"],
-            "attack": r["attack"], "attack_params": json.dumps(r["attack_params"], sort_keys=True),
+            "attack": attack_key(r), "attack_params": json.dumps(r["attack_params"], sort_keys=True),
             "defense": r["defense_label"], "family": r["defense_family"],
             "accuracy": r.get("accuracy"), "epsilon": (r.get("privacy") or {}).get("epsilon"),
             "setting": setting,
@@ -129,7 +130,7 @@ def verdict_marks(records: list[dict], summary: pd.DataFrame | None = None) -> d
     summary = summary_frame(records) if summary is None else summary
     marks = {(str(row["dataset"]), str(row["model"]), str(row["defense"]), str(row["attack"])): verdict_mark(row)
              for _, row in summary.iterrows()}
-    return {r["key"]: marks.get((r["dataset"], r["model"], r["defense_label"], r["attack"]), NO_VERDICT)
+    return {r["key"]: marks.get((r["dataset"], r["model"], r["defense_label"], attack_key(r)), NO_VERDICT)
             for r in records}
 
 
@@ -139,7 +140,7 @@ def verdict_notes(records: list[dict], summary: pd.DataFrame) -> list[str]:
     lines = []
     no_verdict = summary[(~summary["attack_works"]) & (summary["family"] == "baseline")]
     for _, row in no_verdict.iterrows():
-        undefended = [r for r in records if (r["dataset"], r["model"], r["attack"], r["defense_family"])
+        undefended = [r for r in records if (r["dataset"], r["model"], attack_key(r), r["defense_family"])
                       == (str(row["dataset"]), str(row["model"]), str(row["attack"]), "baseline")]
         why = f"undefended it leaks {row['leak_rate']:.0%} (at most {row['max_leak_rate']:.0%} is no leak)"
         conditions = (undefended[0]["verdict"].get("conditions") if undefended else None)
