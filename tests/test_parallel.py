@@ -269,19 +269,24 @@ def _processes_with(marker: str) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
-def test_a_killed_run_leaves_no_process_behind(tmp_path, tiny_grid_file):
-    """SIGKILL to the parent alone (no chance to clean up): its pool workers, and what they started,
-    are gone within seconds."""
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_killed_run_leaves_no_process_behind(tmp_path, tiny_grid_file, executor):
+    """SIGKILL to the parent alone (no chance to clean up): its pool workers (or the local Ray instance
+    it started: GCS, raylet, Ray's workers), and what they started, are gone within seconds."""
+    if executor == "ray":
+        pytest.importorskip("ray")
     marker = f"LEAKBENCH_ORPHAN_TEST={os.getpid()}-{time.time_ns()}"
     out = tmp_path / "out"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     proc = subprocess.Popen([sys.executable, "-m", "leakbench.cli", "run", "--grid", str(tiny_grid_file), "--out",
-                             str(out), "--no-progress", "--workers", "2", "--threads", "1"],
+                             str(out), "--no-progress", "--workers", "2", "--threads", "1", "--executor", executor],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and len(_processes_with(marker)) < 3:  # the parent and two workers
         time.sleep(0.05)
     assert len(_processes_with(marker)) >= 3, "the workers should have started"
+    if executor == "ray":
+        time.sleep(3)  # let Ray start the task workers too
     proc.kill()
     proc.wait()
     deadline = time.time() + 10
@@ -314,3 +319,23 @@ def test_workers_follow_the_jobs_not_the_cells(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(grid))
     assert main(["run", "--grid", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert chosen[-1] == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_finished_parallel_run_stops_its_watchdog_and_unmarks_the_environment(tmp_path, tiny_grid_file):
+    """The watchdog (leakbench.run.reaper) lives only as long as the run: a run that ends normally
+    leaves neither it nor its token in the caller's environment."""
+    from leakbench.run.reaper import ENV_KEY
+
+    assert main(["run", "--grid", str(tiny_grid_file), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--workers", "2", "--threads", "1"]) == 0
+    assert ENV_KEY not in os.environ
+    watchdogs = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"reaper.py") for part in command) and str(os.getpid()).encode() in command:
+            watchdogs.append(proc.name)
+    assert watchdogs == []

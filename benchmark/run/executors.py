@@ -23,6 +23,7 @@ import torch
 from ..catalog import load_all
 from ..errors import ConfigError
 from .grid import Cell, Grid
+from .reaper import Reaper
 from .runner import Job, Runner, RunOptions
 
 EXECUTORS = ("local", "ray")
@@ -157,6 +158,7 @@ class LocalPoolExecutor(CellExecutor):
         if not jobs:
             return
         jobs = longest_first(jobs, {c.key(): c for c in runner.grid.cells()})
+        reaper = Reaper().start()  # a worker killed while it still imports torch cannot arm die_with_parent
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)),
                                    mp_context=multiprocessing.get_context("spawn"), initializer=_start_pool_worker,
                                    initargs=(runner.grid, runner.options, self.threads, _new_run_id(), os.getpid()))
@@ -165,6 +167,7 @@ class LocalPoolExecutor(CellExecutor):
             yield from _as_finished(futures)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            reaper.stop()
 
 
 def _as_finished(futures: set) -> Iterator[dict]:
@@ -220,6 +223,7 @@ class RayExecutor(CellExecutor):
         self.workers = workers
         self.threads = threads_per_worker(workers, threads)
         self.address = address
+        self.reaper: Reaper | None = None
 
     def __enter__(self):
         import ray
@@ -230,9 +234,13 @@ class RayExecutor(CellExecutor):
                        object_store_memory=_LOCAL_OBJECT_STORE_BYTES))
         if self.address:
             _check_reachable(self.address)  # ray.init retries an unreachable address for minutes
+        else:  # the local instance's processes inherit the token: a killed driver takes them with it
+            self.reaper = Reaper().start()
         try:
             ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
         except (ConnectionError, ValueError) as exc:
+            if self.reaper is not None:
+                self.reaper.stop()
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"--ray-address {self.address!r}: cannot connect ({message}); "
                               f"{_RAY_ADDRESS_ALLOWED}") from None
@@ -242,6 +250,9 @@ class RayExecutor(CellExecutor):
         import ray
 
         ray.shutdown()  # stops the local instance we started; only disconnects from a cluster
+        if self.reaper is not None:
+            self.reaper.stop()
+            self.reaper = None
 
     def run(self, runner, jobs):
         import ray
