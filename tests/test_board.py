@@ -17,6 +17,7 @@ from leakbench.cells.base import CLASS_REPRESENTATIVES
 from leakbench.leaderboard.markdown import render_markdown
 from leakbench.leaderboard.ranking import OVERALL, RANKING_RULE, pareto, rank, ranked_leak, standings
 from leakbench.leaderboard.schema import Entry, load_board, load_entry, validate_entry
+from leakbench.registry import ATTACKS
 
 _spec = importlib.util.spec_from_file_location("_board_fixtures", Path(__file__).with_name("_board_fixtures.py"))
 fx = importlib.util.module_from_spec(_spec)
@@ -181,6 +182,31 @@ def test_board_ranks_by_record_reconstruction_and_can_rank_by_each_threat_model(
     # an entry without attacks of a threat model has no rank under it, and sorts last
     only_records = as_entry(entry("only-records", 0.95, {"dlg": 0.0}, targets=16))
     assert dict((e.name, r) for e, r in standings([*board, only_records], CLASS_REPRESENTATIVES))["only-records"] == "–"
+
+
+def _kinds():
+    from leakbench.catalog import load_all
+    from leakbench.registry import CELL_KINDS
+
+    load_all()
+    return {name: CELL_KINDS.get(name) for name in CELL_KINDS.list()}
+
+
+@pytest.mark.parametrize("kind", sorted(_kinds()))
+def test_every_kind_of_cells_board_scores_pass_the_entry_schema(kind):
+    """What a kind of cell puts on a board (its board_scores, through build.attack_scores) is what the
+    entry schema accepts: a new kind is checked the moment it registers (protocol v3's membership-loss
+    entries were once refused for an unknown key 'auc')."""
+    from leakbench.leaderboard.build import attack_scores
+
+    cls = _kinds()[kind]
+    attack = next(a for a in ATTACKS.list() if getattr(ATTACKS.get(a), "setting", None) == kind)
+    metrics = {"leak_rate": 0.25, **{key: 0.5 for key, _ in cls.board_scores}}
+    record = {"attack": attack, "targets": 16, "metrics": metrics, "threat": {"setting": kind}}
+    data = fx.make_entry("kind-check", 0.9, {"another-attack": 0.5})
+    data["attacks"][attack] = attack_scores(record)
+    validate_entry(data, source="kind-check.json")
+    assert set(data["attacks"][attack]) >= {key for key, _ in cls.board_scores}
 
 
 def test_membership_has_its_own_worst_case_column_and_never_decides_the_default_rank(tmp_path):

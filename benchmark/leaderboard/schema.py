@@ -115,8 +115,17 @@ _ATTACK_NUMBERS: dict[str, Callable[[_Checker, str, Any], Any]] = {
     "targets": lambda c, k, v: c.number(k, v, lo=0, integer=True),
     "label_accuracy": lambda c, k, v: c.rate(k, v, nullable=True),
     "protocol_accuracy": lambda c, k, v: c.rate(k, v, nullable=True),
+    # membership inference (its leak rate is a TPR at 1% FPR)
+    "auc": lambda c, k, v: c.rate(k, v, nullable=True),
+    "epsilon_lower_bound": lambda c, k, v: c.number(k, v, lo=0.0, nullable=True),
+    # text reconstruction
+    "token_accuracy_mean": lambda c, k, v: c.rate(k, v, nullable=True),
+    "exact_match_rate": lambda c, k, v: c.rate(k, v, nullable=True),
 }
-_SCORE_FAMILIES = (("psnr_median", "ssim_median"), ("oracle_accuracy", "nn_ssim_mean"))
+# the scores each kind of cell puts on a board (its ``board_scores``): an attack's entry has one family
+# (tests/test_board.py checks every registered kind's against this)
+_SCORE_FAMILIES = (("psnr_median", "ssim_median"), ("oracle_accuracy", "nn_ssim_mean"),
+                   ("auc", "epsilon_lower_bound"), ("token_accuracy_mean", "exact_match_rate"))
 _PROVENANCE_REQUIRED = ("leakbench_version", "commit", "protocol", "seeds", "libraries", "hardware", "date",
                         "wall_seconds")
 
