@@ -28,7 +28,8 @@ def render_boards(root: Path = DEFAULT_ROOT, *, protocols: list[str] | None = No
         if not NAME_RE.match(p):
             raise ConfigError(f"--protocol {p!r} is invalid; allowed: {NAME_PATTERN}")
     superseded = superseded_protocols()
-    names.sort(key=lambda p: (p in superseded, p))  # the boards that take entries first
+    names.sort(reverse=True)  # newest first (v3 before v2) ...
+    names.sort(key=lambda p: p in superseded)  # ... and the boards that take entries before the closed ones
     boards = {p: load_board(p, root) for p in names}  # all validated before anything is written
     written = {}
     for p, entries in boards.items():

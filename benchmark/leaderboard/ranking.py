@@ -168,5 +168,6 @@ def board_summary(protocol: str, entries: list[Entry], *, superseded_by: str | N
             f"of the protocol. Accuracy without a defense: {baseline}; drop is in percentage points against "
             f"it. Leak rates are measured by leakbench under the protocol's attacks, each with the number of "
             f"targets it was measured on and its Wilson 95% interval; the worst case is given per threat "
-            f"model (record reconstruction, class representatives) beside the overall one; ε is the "
+            f"model ({', '.join(THREAT_MODELS)}) beside the overall one; an attack on a federated-averaging "
+            f"update is keyed ATTACK.fedavg; ε is the "
             f"defense's privacy budget where it has one.{closed}")
