@@ -11,7 +11,7 @@ from ..params import Param
 from ..registry import register_attack
 from ..threat import AttackTask, Monitor, Reconstruction
 from .base import Attack
-from .engine import EngineSettings, solve
+from .engine import EngineSettings, solve, stop_threshold
 from .gradient_matching import LBFGSRun, gradient_distance, run_steps
 
 _COMMON = (
@@ -22,6 +22,9 @@ _COMMON = (
     Param("stop_distance", float, 0.0,
           "stop once the gradient distance (visible to the attacker) falls below this; 0 runs every step",
           low=0.0),
+    Param("stop_relative", float, 0.0,
+          "stop once the gradient distance falls below this times the shared update's own squared norm "
+          "(attacker-visible, so it scales with the model's gradients); 0 turns it off", low=0.0),
     # torch.optim.LBFGS's own stopping tests, exposed because they are absolute: a model whose gradient
     # is small (a sigmoid ResNet-56's is about 15x smaller in RMS than LeNet's, so its squared distance
     # about 200x) ends every run after a few steps at distances near 1e-5 without recovering anything
@@ -38,10 +41,14 @@ _COMMON = (
           "batched engine: give up on a target whose gradient distance did not halve over this many "
           "evaluations (attacker-visible); 0 never gives up", low=0),
     Param("slots", int, 64, "batched engine: instances advanced together", low=1),
-    Param("compile", bool, False, "batched engine: torch.compile the objective (pays off on long runs)"),
-    Param("native", bool, False,
+    Param("compile", bool, "auto",
+          "batched engine: torch.compile the objective; 'auto': when the program's evaluation budget "
+          "(targets x steps x max_iter) reaches engine.AUTO_MIN_EVALUATIONS, where compiling pays off "
+          "(falls back to eager with one warning where it cannot compile)", also=("auto",)),
+    Param("native", bool, "auto",
           "batched engine on CPU: the L-BFGS directions in a C++ kernel built on first use (same directions, "
-          "half the memory traffic; falls back with a warning where it cannot be built)"),
+          "half the memory traffic; falls back with a warning where it cannot be built); 'auto': as compile",
+          also=("auto",)),
     Param("restarts", int, 0, "batched engine: fresh restarts of an instance that diverges, within its budget",
           low=0),
 )
@@ -64,6 +71,10 @@ class _GradientMatchingAttack(Attack):
         return dict(lr=self.lr, max_iter=self.max_iter, history_size=self.history_size,
                     tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change)
 
+    def _stop(self, task: AttackTask) -> float:
+        """The distance below which a one-at-a-time run stops (the engine applies the same rule)."""
+        return stop_threshold(task, self.stop_distance, self.stop_relative)
+
     @property
     def batches_tasks(self) -> bool:
         return self.engine == "batched"
@@ -73,6 +84,7 @@ class _GradientMatchingAttack(Attack):
             return super().run(tasks, monitors=monitors)
         settings = EngineSettings(steps=self.steps, lr=self.lr, max_iter=self.max_iter,
                                   history_size=self.history_size, stop_distance=self.stop_distance,
+                                  stop_relative=self.stop_relative,
                                   slots=self.slots, compile=self.compile, native=self.native, restarts=self.restarts,
                                   cyclic=self.cyclic, stall_window=self.stall_window,
                                   tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change)
@@ -141,7 +153,7 @@ class DLG(_GradientMatchingAttack):
                                                              task.local_training),
                        **self._lbfgs_options())
         steps = run_steps([run], self.steps, lambda i: 0,
-                          lambda: (x.detach(), logits.detach().argmax(-1)), monitor, self.stop_distance)
+                          lambda: (x.detach(), logits.detach().argmax(-1)), monitor, self._stop(task))
         return Reconstruction(x.detach().clone(), logits.detach().argmax(-1), steps, run.closure_evals,
                               run.distance, run.diverged, "optimised")
 
@@ -169,7 +181,7 @@ class IDLG(_GradientMatchingAttack):
         run = LBFGSRun([x], lambda: gradient_distance(model, x, onehot, target, task.local_training),
                        **self._lbfgs_options())
         steps = run_steps([run], self.steps, lambda i: 0, lambda: (x.detach(), labels), monitor,
-                          self.stop_distance)
+                          self._stop(task))
         method = "analytic" if task.batch_size == 1 else "analytic-batch-heuristic"
         return Reconstruction(x.detach().clone(), labels, steps, run.closure_evals, run.distance,
                               run.diverged, method)
@@ -214,7 +226,7 @@ class BatchedDLG(_GradientMatchingAttack):
         def snapshot():
             return torch.cat(xs).detach(), torch.cat(ls).detach().argmax(-1)
 
-        steps = run_steps(runs, self.steps, lambda i: i % n, snapshot, monitor, self.stop_distance)
+        steps = run_steps(runs, self.steps, lambda i: i % n, snapshot, monitor, self._stop(task))
         images, labels = snapshot()
         distance = runs[(steps - 1) % n].distance
         return Reconstruction(images.clone(), labels, steps, sum(r.closure_evals for r in runs), distance,

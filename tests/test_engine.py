@@ -407,3 +407,122 @@ def test_the_objective_gathers_per_instance_tensors_again_when_the_batch_changes
         values, grads = objective(ids, rows[:len(ids)])
         fresh_values, fresh_grads = build()(ids, rows[:len(ids)])
         assert torch.equal(values, fresh_values) and torch.equal(grads, fresh_grads)
+
+
+def _objectives(classes, dtype, onehot, targets, **kw):
+    """The same objective with and without the output layer's outer-product shortcut."""
+    from leakbench.attacks.gradient_matching import BatchedGradientMatching
+
+    model = build_model("lenet-zhu", (3, 8, 8), classes, seed=0).to(dtype)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shared = targets(params)
+    return [BatchedGradientMatching(model, params, {}, shared, input_shape=(3, 8, 8), batch_size=1,
+                                    num_classes=classes, shared_weights=True, onehot=onehot, outer_product=op, **kw)
+            for op in (True, False)], model
+
+
+@pytest.mark.parametrize("fixed_labels", [True, False], ids=["labels-given", "labels-optimised"])
+def test_the_outer_product_distance_is_the_plain_distance_in_float64(fixed_labels):
+    """The output layer's weight gradient a h^T is never formed; its distance to the target, and that
+    distance's gradient w.r.t. the dummies, equal the plain computation's (float64, 100 classes, random
+    targets that are not outer products themselves, as a noised update's are not)."""
+    g = torch.Generator().manual_seed(0)
+    onehot = F.one_hot(torch.tensor([3, 97, 50]), 100).double() if fixed_labels else None
+    (fast, plain), _ = _objectives(100, torch.float64, onehot, lambda params: [
+        torch.randn(3, *p.shape, generator=g, dtype=torch.float64) * 0.05 for p in params.values()])
+    assert fast.outer_product and not plain.outer_product
+    ids, rows = torch.arange(3), torch.randn(3, fast.width, generator=g, dtype=torch.float64)
+    (v1, g1), (v0, g0) = fast(ids, rows), plain(ids, rows)
+    torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.scores(ids, rows), v0, rtol=1e-12, atol=1e-12)
+
+
+def test_the_outer_product_distance_has_no_cancellation_error_in_float32():
+    """At the true input the three terms cancel (||T||^2 about 100 here); summed in float64 they leave
+    the plain computation's rounding, not float32's 6e-8 ||T||^2."""
+    from leakbench.threat import parameter_gradients
+
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    onehot = F.one_hot(torch.tensor([7]), 100).float()
+    model = build_model("lenet-zhu", (3, 8, 8), 100, seed=0)
+    shared = [t.detach()[None] for t in parameter_gradients(model, x, onehot)]
+    (fast, plain), _ = _objectives(100, torch.float32, onehot[None], lambda params: shared)
+    norm2 = sum(float((t ** 2).sum()) for t in shared)
+    value, _ = fast(torch.zeros(1, dtype=torch.long), x.flatten()[None])
+    assert norm2 > 1 and abs(float(value)) < 1e-9 * norm2
+
+
+def test_the_outer_product_is_used_only_where_it_is_exact():
+    """Batches of several samples, the cosine distance, or a model not ending in a biased linear layer
+    on the classes take the plain path."""
+    from leakbench.attacks.gradient_matching import output_head
+
+    assert output_head(build_model("lenet-zhu", (3, 8, 8), 10, seed=0), (3, 8, 8), 10) is not None
+    (fast, _), _ = _objectives(10, torch.float32, None, lambda params: [torch.zeros(2, *p.shape) for p in params.values()],
+                               distance="cosine")
+    assert not fast.outer_product
+
+    class Scaled(torch.nn.Module):  # something after the last layer: the shortcut would be wrong
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return 2 * self.fc(x.flatten(1))
+
+    assert output_head(Scaled(), (4,), 3) is None
+
+
+def test_compile_and_native_follow_the_evaluation_budget_at_auto():
+    from leakbench.attacks.engine import AUTO_MIN_EVALUATIONS, fast_path
+    from leakbench.errors import ConfigError
+
+    assert not fast_path("auto", AUTO_MIN_EVALUATIONS - 1) and fast_path("auto", AUTO_MIN_EVALUATIONS)
+    assert fast_path(True, 1) and not fast_path(False, 10 ** 9)
+    for name in ("dlg", "idlg", "dlg-batched", "inverting-gradients"):
+        attack = ATTACKS.build(name, {})
+        assert attack.compile == "auto" and getattr(attack, "native", "auto") == "auto"
+    assert ATTACKS.build("dlg", {"compile": True, "native": False}).compile is True
+    with pytest.raises(ConfigError, match="'compile' = 'yes' is invalid; allowed: true or false or 'auto'"):
+        ATTACKS.build("dlg", {"compile": "yes"})
+
+
+def test_an_objective_that_cannot_compile_warns_once_and_runs_eagerly(monkeypatch):
+    from leakbench.attacks import gradient_matching as gm
+
+    def broken_compile(fn, **kw):
+        def call(*args):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(gm, "_warned_compile", [])
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    targets = lambda params: [torch.randn(2, *p.shape) * 0.01 for p in params.values()]  # noqa: E731
+    (eager, _), _ = _objectives(10, torch.float32, None, targets)
+    with pytest.warns(RuntimeWarning, match="torch.compile unavailable .*no C\\+\\+ compiler") as caught:
+        (first, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
+        (second, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
+        rows = torch.randn(2, eager.width)
+        results = [first(torch.arange(2), rows), second(torch.arange(2), rows)]
+    assert sum("torch.compile unavailable" in str(w.message) for w in caught) == 1
+    for value, grad in results:
+        torch.testing.assert_close(value, eager(torch.arange(2), rows)[0])
+
+
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_the_relative_stop_ends_each_target_at_its_own_threshold(engine):
+    """stop_relative r stops a target once its distance is below r ||shared update||^2: the same rule in
+    the engine and the one-at-a-time loop, each target against its own update's norm."""
+    from leakbench.attacks.engine import target_norm2
+
+    tasks = _tasks(torch.float32, 1, targets=3)
+    rel = 1e-4
+    recs = ATTACKS.build("idlg", {"steps": 200, "stop_relative": rel, "engine": engine}).run(tasks)
+    full = ATTACKS.build("idlg", {"steps": 200, "engine": engine}).run(tasks)
+    stopped = [i for i, (r, f) in enumerate(zip(recs, full)) if r.steps < f.steps]
+    assert stopped, "no target reached its threshold"
+    for i in stopped:
+        assert recs[i].grad_distance < rel * target_norm2(tasks[i])
+    thresholds = sorted(rel * target_norm2(t) for t in tasks)
+    assert thresholds[-1] > 1.5 * thresholds[0]  # the targets' thresholds differ: a per-target rule
