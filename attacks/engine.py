@@ -37,6 +37,54 @@ def fast_path(setting: bool | str, budget: int) -> bool:
     return budget >= AUTO_MIN_EVALUATIONS if setting == "auto" else bool(setting)
 
 
+# ``slots`` at "auto": as many instances per program as fit SLOT_MEMORY_BUDGET, at most MAX_AUTO_SLOTS,
+# rounded down to a power of two (the compiled sizes). The budget keeps a program within 4 GB of
+# resident memory on the 2-core machine, leaving about 1 GB for torch, the data and compiled code.
+# An instance costs its L-BFGS state (the (2m, D) history and a dozen D-vectors) plus what one
+# evaluation keeps alive: ACTIVATION_FACTOR times the bytes its forward pass outputs (the double
+# backward keeps the forward, its derivative and their derivatives), plus its own copy of the weights
+# and their gradients when the targets attack different weights. The factor is the peak resident memory
+# per instance of one evaluation over its forward's output, measured on one thread: 11.3 for
+# resnet20-sigmoid at batch 1 (91 MB per instance: 64 slots would take 5.8 GB), 9.0 at batch 4 (290 MB);
+# lenet-zhu's 50 (1.8 MB) is mostly fixed costs, and its 2.5 MB history decides its slots anyway.
+SLOT_MEMORY_BUDGET = 3 * 2 ** 30
+MAX_AUTO_SLOTS = 64
+ACTIVATION_FACTOR = 12
+
+
+def activation_elements(task: AttackTask) -> int:
+    """Elements the model's modules output on one victim batch (a forward pass on zeros)."""
+    model = task.model
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    weight = next(model.parameters())
+    try:
+        with torch.no_grad(), evaluating([task]):
+            model(torch.zeros(task.batch_size, *task.input_shape, dtype=weight.dtype, device=weight.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def auto_slots(tasks: Sequence[AttackTask], history_size: int, width: int) -> int:
+    """The slots of a program of ``tasks`` (one group) that fit SLOT_MEMORY_BUDGET."""
+    first = tasks[0]
+    weight = next(first.model.parameters())
+    n_params = sum(p.numel() for p in first.model.parameters())
+    own_weights = 0 if _same_weights([t.model for t in tasks]) else 3 * n_params
+    per_instance = weight.element_size() * (2 * history_size * width + 2 * history_size ** 2 + 12 * width
+                                            + ACTIVATION_FACTOR * activation_elements(first) + own_weights)
+    fit = max(1, min(MAX_AUTO_SLOTS, SLOT_MEMORY_BUDGET // per_instance))
+    return 1 << (fit.bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     steps: int
@@ -44,8 +92,8 @@ class EngineSettings:
     max_iter: int = 20
     history_size: int = 100
     stop_distance: float = 0.0
-    stop_relative: float = 0.0  # stop once the distance is at most this times the target's ||grad||^2
-    slots: int = 64
+    stop_relative: float = 0.0  # stop once the distance is below this times the target's ||grad||^2
+    slots: int | str = "auto"     # see auto_slots
     compile: bool | str = "auto"  # see fast_path
     native: bool | str = "auto"   # the C++ L-BFGS direction kernel on CPU (built on first use)
     restarts: int = 0
@@ -208,7 +256,8 @@ def _solve_group_in_eval_mode(tasks: list[AttackTask], st: EngineSettings, fixed
             monitors[inst](step, images[0].detach(), lab)
 
     optimiser = BatchedLBFGS(steps=st.steps, lr=st.lr, max_iter=st.max_iter, history_size=st.history_size,
-                             slots=st.slots, stop_loss=stop_thresholds(tasks, st).to(device, dtype),
+                             slots=auto_slots(tasks, st.history_size, x0.shape[1]) if st.slots == "auto" else st.slots,
+                             stop_loss=stop_thresholds(tasks, st).to(device, dtype),
                              restarts=st.restarts,
                              fresh_each_step=mask_fn is not None, gradient_mask=mask_fn,
                              idle_limit=n if mask_fn is not None else 1, stall_window=st.stall_window,

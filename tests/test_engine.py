@@ -263,6 +263,12 @@ def test_a_restarted_instance_is_judged_afresh_by_the_stall_rule():
     assert result.status[0] != "stalled" and float(result.loss[0]) < 1e-6
 
 
+# instance-for-instance comparisons run every step: the engine applies a stopping rule after each
+# evaluation, the one-at-a-time loop after each L-BFGS step, so with the default rules on they stop at
+# different points below the same threshold
+EVERY_STEP = {"stop_relative": 0.0, "stall_window": 0}
+
+
 def _tasks(dtype, batch_size, targets=3, size=8, one_model=False):
     data = load("digits", "test", image_size=size)
     tasks = []
@@ -283,7 +289,7 @@ def test_batched_dlg_family_reproduces_the_one_at_a_time_attack_in_float64(name,
     DLG's dummies of one target blow up to |x| ~ 60 where rounding differences grow ~100x per step, so
     it is compared over two steps (1e-9 apart there, 1e-4 after six)."""
     tasks = _tasks(torch.float64, batch_size)
-    params = {"steps": steps, "batch_size": batch_size}
+    params = {"steps": steps, "batch_size": batch_size, **EVERY_STEP}
     batched = ATTACKS.build(name, {**params, "slots": 2}).run(tasks)
     reference = ATTACKS.build(name, {**params, "engine": "reference"}).run(tasks)
     for b, r in zip(batched, reference):
@@ -298,7 +304,7 @@ def test_lbfgs_stopping_tolerances_reach_the_engine_and_the_reference_alike(tole
     """The attack's ``tolerance_grad``/``tolerance_change`` are torch.optim.LBFGS's: both engines stop
     where torch would (a huge gradient tolerance ends every step at its first evaluation: nothing moves)."""
     tasks = _tasks(torch.float64, 1)
-    params = {"steps": 4, **tolerances}
+    params = {"steps": 4, **tolerances, **EVERY_STEP}
     batched = ATTACKS.build("idlg", {**params, "slots": 2}).run(tasks)
     reference = ATTACKS.build("idlg", {**params, "engine": "reference"}).run(tasks)
     for b, r in zip(batched, reference):
@@ -316,8 +322,8 @@ def test_targets_of_one_model_share_unbatched_weights_and_match_the_reference():
     tasks = _tasks(torch.float64, 1, one_model=True)
     assert engine._same_weights([t.model for t in tasks])
     assert not engine._same_weights([t.model for t in _tasks(torch.float64, 1)])
-    batched = ATTACKS.build("idlg", {"steps": 6}).run(tasks)
-    reference = ATTACKS.build("idlg", {"steps": 6, "engine": "reference"}).run(tasks)
+    batched = ATTACKS.build("idlg", {"steps": 6, **EVERY_STEP}).run(tasks)
+    reference = ATTACKS.build("idlg", {"steps": 6, "engine": "reference", **EVERY_STEP}).run(tasks)
     for b, r in zip(batched, reference):
         assert torch.allclose(b.images, r.images, atol=1e-7, rtol=0)
 
@@ -526,3 +532,21 @@ def test_the_relative_stop_ends_each_target_at_its_own_threshold(engine):
         assert recs[i].grad_distance < rel * target_norm2(tasks[i])
     thresholds = sorted(rel * target_norm2(t) for t in tasks)
     assert thresholds[-1] > 1.5 * thresholds[0]  # the targets' thresholds differ: a per-target rule
+
+
+def test_auto_slots_follow_the_models_memory():
+    """lenet-zhu on CIFAR-sized targets fills the 64 slots; resnet20-sigmoid, whose evaluation keeps
+    about 90 MB per instance alive at batch 1 and 290 MB at batch 4, gets fewer (power-of-two) slots,
+    fewer still at batch 4, and always at least one."""
+    from leakbench.attacks.engine import SLOT_MEMORY_BUDGET, auto_slots
+
+    def task(model_name, batch):
+        model = build_model(model_name, (3, 32, 32), 10, seed=0)
+        return AttackTask(model=model, shared=[torch.zeros_like(p) for p in model.parameters()],
+                          input_shape=(3, 32, 32), num_classes=10, batch_size=batch, seed=0)
+
+    width = 3 * 32 * 32 + 10
+    lenet, resnet1, resnet4 = (auto_slots([task(m, b)], 100, b * width)
+                               for m, b in (("lenet-zhu", 1), ("resnet20-sigmoid", 1), ("resnet20-sigmoid", 4)))
+    assert lenet == 64 and 1 <= resnet4 < resnet1 < 64
+    assert resnet1 * 90 * 2 ** 20 <= SLOT_MEMORY_BUDGET and all(k & (k - 1) == 0 for k in (resnet1, resnet4))
