@@ -57,6 +57,8 @@ _COMMON = (
           low=0),
 )
 
+_STOP_RELATIVE, _STALL_WINDOW = (next(p for p in _COMMON if p.name == n) for n in ("stop_relative", "stall_window"))
+
 
 class _GradientMatchingAttack(Attack):
     """Shared by the DLG family: the batched engine unless ``engine: reference``."""
@@ -208,6 +210,9 @@ class BatchedDLG(_GradientMatchingAttack):
                     low=1),
               *({"steps": Param("steps", int, 1200, "cyclic iterations in total (paper: 1200)", low=1),
                  "max_iter": Param("max_iter", int, 5, "objective evaluations per cyclic step at most", low=1),
+                 # the stopping rules' defaults were calibrated and checked on dlg only: off here
+                 "stop_relative": Param("stop_relative", float, 0.0, _STOP_RELATIVE.help, low=0.0),
+                 "stall_window": Param("stall_window", int, 0, _STALL_WINDOW.help, low=0),
                  }.get(p.name, p) for p in _COMMON))
     cyclic = True
 

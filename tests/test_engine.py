@@ -1,7 +1,9 @@
 """The vectorised attack engine: a batched L-BFGS with per-instance state must follow, per instance,
 the trajectory of a separate ``torch.optim.LBFGS`` run (checked in float64, where rounding cannot hide
 a wrong formula), and the batched DLG family must reproduce the one-at-a-time attacks."""
+import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -453,7 +455,7 @@ def test_the_outer_product_distance_has_no_cancellation_error_in_float32():
     onehot = F.one_hot(torch.tensor([7]), 100).float()
     model = build_model("lenet-zhu", (3, 8, 8), 100, seed=0)
     shared = [t.detach()[None] for t in parameter_gradients(model, x, onehot)]
-    (fast, plain), _ = _objectives(100, torch.float32, onehot[None], lambda params: shared)
+    (fast, _plain), _ = _objectives(100, torch.float32, onehot[None], lambda params: shared)
     norm2 = sum(float((t ** 2).sum()) for t in shared)
     value, _ = fast(torch.zeros(1, dtype=torch.long), x.flatten()[None])
     assert norm2 > 1 and abs(float(value)) < 1e-9 * norm2
@@ -506,13 +508,15 @@ def test_an_objective_that_cannot_compile_warns_once_and_runs_eagerly(monkeypatc
     monkeypatch.setattr(torch, "compile", broken_compile)
     targets = lambda params: [torch.randn(2, *p.shape) * 0.01 for p in params.values()]  # noqa: E731
     (eager, _), _ = _objectives(10, torch.float32, None, targets)
-    with pytest.warns(RuntimeWarning, match="torch.compile unavailable .*no C\\+\\+ compiler") as caught:
-        (first, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
-        (second, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
-        rows = torch.randn(2, eager.width)
+    (first, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
+    (second, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
+    rows = torch.randn(2, eager.width)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         results = [first(torch.arange(2), rows), second(torch.arange(2), rows)]
-    assert sum("torch.compile unavailable" in str(w.message) for w in caught) == 1
-    for value, grad in results:
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and re.match(r"torch.compile unavailable .*no C\+\+ compiler", messages[0])
+    for value, _grad in results:
         torch.testing.assert_close(value, eager(torch.arange(2), rows)[0])
 
 
