@@ -24,7 +24,8 @@ How the work stays small:
   that point was already evaluated; here the cached value is reused (the objective is deterministic,
   so the trajectory is unchanged). ``evals`` counts evaluations actually computed.
 - Finished instances stop costing work: an instance finishes when its step budget is spent, when its
-  objective falls below ``stop_loss`` (the gradient distance, which the attacker can see), when its
+  objective falls below ``stop_loss`` (the gradient distance, which the attacker can see; one value or
+  one per instance), when its
   best objective did not halve (``stall_factor``) over the last ``stall_window`` evaluations, when
   torch's L-BFGS would make no further progress (gradient below ``tolerance_grad`` at the start of a
   step, or a non-descent direction, after which every later step repeats the same no-op), or when it
@@ -76,7 +77,7 @@ class BatchedLBFGS:
 
     def __init__(self, *, steps: int, lr: float = 1.0, max_iter: int = 20, max_eval: int | None = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
-                 slots: int = 64, stop_loss: float = 0.0, restarts: int = 0, fresh_each_step: bool = False,
+                 slots: int = 64, stop_loss: float | torch.Tensor = 0.0, restarts: int = 0, fresh_each_step: bool = False,
                  gradient_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, idle_limit: int = 1,
                  stall_window: int = 0, stall_factor: float = 0.5, native: bool = False) -> None:
         if steps < 1 or max_iter < 1 or history_size < 1 or slots < 1:
@@ -167,8 +168,9 @@ class BatchedLBFGS:
                     s.status[slot] = DIVERGED
                     s.finished[slot] = True
         live = finite & ~s.finished
-        if self.stop_loss > 0:
-            conv = live & (s.loss < self.stop_loss)
+        stop = self._stop_loss(s)
+        if stop is not None:
+            conv = live & (s.loss < stop)
             s.status.update({i: CONVERGED for i in conv.nonzero().flatten().tolist()})
             s.finished |= conv
             live &= ~conv
@@ -179,6 +181,14 @@ class BatchedLBFGS:
         ends = post & ((s.cur_evals >= self.max_eval) | (s.g.abs().amax(1) <= self.tolerance_grad)
                        | ((s.d * s.t[:, None]).abs().amax(1) <= tol_c) | ((s.loss - s.prev_loss).abs() < tol_c))
         self._end_step(s, ends, cached=True, on_step=on_step)
+
+    def _stop_loss(self, s: "_SlotState") -> torch.Tensor | float | None:
+        """The running slots' stopping thresholds (one for all, or one per instance), None when off."""
+        if isinstance(self.stop_loss, torch.Tensor):
+            if not bool((self.stop_loss > 0).any()):
+                return None
+            return self.stop_loss.to(s.loss.device, s.loss.dtype).index_select(0, s.ids)
+        return self.stop_loss if self.stop_loss > 0 else None
 
     def _stalled(self, s: "_SlotState", live: torch.Tensor) -> torch.Tensor:
         """Instances whose best objective did not fall below ``stall_factor`` times its value at the

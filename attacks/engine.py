@@ -20,6 +20,71 @@ from .batched_lbfgs import DIVERGED, BatchedLBFGS
 from .gradient_matching import BatchedGradientMatching
 
 
+# ``compile`` and ``native`` at "auto" are on for a program whose evaluation budget (instances x steps x
+# evaluations per step) reaches this. Compiling costs about 20 s per batch size on one thread (a stream
+# compiles 2-3 sizes: 64, then 32 and 16 as it drains) and saves about 0.15-0.3 ms per instance and
+# evaluation (lenet-zhu, 32x32x3: eager 0.65-1.2 ms, compiled 0.5-0.75 ms at 64 instances), and DLG
+# runs spend about half their budget, so 500,000 budgeted evaluations (64 targets x 300 steps x 20
+# is 384,000; a full-grid program of 256 targets is 1.5 million) is about where compiling pays off.
+# Below it (every unit test, the quick grid's programs, one-target paper runs) the engine runs eagerly
+# and never builds the native kernel (about 30 s the first time on a machine).
+AUTO_MIN_EVALUATIONS = 500_000
+
+
+def fast_path(setting: bool | str, budget: int) -> bool:
+    """Whether an ``auto``/true/false setting (``compile``, ``native``) is on for a program whose
+    evaluation budget is ``budget``."""
+    return budget >= AUTO_MIN_EVALUATIONS if setting == "auto" else bool(setting)
+
+
+# ``slots`` at "auto": as many instances per program as fit SLOT_MEMORY_BUDGET, at most MAX_AUTO_SLOTS,
+# rounded down to a power of two (the compiled sizes). The budget keeps a program within 4 GB of
+# resident memory on the 2-core machine, leaving about 1 GB for torch, the data and compiled code.
+# An instance costs its L-BFGS state (the (2m, D) history and a dozen D-vectors) plus what one
+# evaluation keeps alive: ACTIVATION_FACTOR times the bytes its forward pass outputs (the double
+# backward keeps the forward, its derivative and their derivatives), plus its own copy of the weights
+# and their gradients when the targets attack different weights. The factor is the peak resident memory
+# per instance of one evaluation over its forward's output, measured on one thread: 11.3 for
+# resnet20-sigmoid at batch 1 (91 MB per instance: 64 slots would take 5.8 GB), 9.0 at batch 4 (290 MB);
+# lenet-zhu's 50 (1.8 MB) is mostly fixed costs, and its 2.5 MB history decides its slots anyway.
+SLOT_MEMORY_BUDGET = 3 * 2 ** 30
+MAX_AUTO_SLOTS = 64
+ACTIVATION_FACTOR = 12
+
+
+def activation_elements(task: AttackTask) -> int:
+    """Elements the model's modules output on one victim batch (a forward pass on zeros)."""
+    model = task.model
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    weight = next(model.parameters())
+    try:
+        with torch.no_grad(), evaluating([task]):
+            model(torch.zeros(task.batch_size, *task.input_shape, dtype=weight.dtype, device=weight.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def auto_slots(tasks: Sequence[AttackTask], history_size: int, width: int) -> int:
+    """The slots of a program of ``tasks`` (one group) that fit SLOT_MEMORY_BUDGET."""
+    first = tasks[0]
+    weight = next(first.model.parameters())
+    n_params = sum(p.numel() for p in first.model.parameters())
+    own_weights = 0 if _same_weights([t.model for t in tasks]) else 3 * n_params
+    per_instance = weight.element_size() * (2 * history_size * width + 2 * history_size ** 2 + 12 * width
+                                            + ACTIVATION_FACTOR * activation_elements(first) + own_weights)
+    fit = max(1, min(MAX_AUTO_SLOTS, SLOT_MEMORY_BUDGET // per_instance))
+    return 1 << (fit.bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     steps: int
@@ -27,9 +92,10 @@ class EngineSettings:
     max_iter: int = 20
     history_size: int = 100
     stop_distance: float = 0.0
-    slots: int = 64
-    compile: bool = False
-    native: bool = False     # the C++ L-BFGS direction kernel on CPU (built on first use)
+    stop_relative: float = 0.0  # stop once the distance is below this times the target's ||grad||^2
+    slots: int | str = "auto"     # see auto_slots
+    compile: bool | str = "auto"  # see fast_path
+    native: bool | str = "auto"   # the C++ L-BFGS direction kernel on CPU (built on first use)
     restarts: int = 0
     stall_window: int = 0    # give up on a target whose distance did not halve in this many evaluations
     cyclic: bool = False     # dlg-batched: step i moves only sample i mod N, from a fresh L-BFGS state
@@ -130,6 +196,22 @@ def evaluating(tasks: Sequence[AttackTask]):
             t.model.train(mode)
 
 
+def target_norm2(task: AttackTask) -> float:
+    """||shared update||^2 summed over its tensors: what a relative stopping rule is relative to (the
+    attacker sees the shared update, so the rule stays attacker-visible)."""
+    return float(sum((t.detach().double() ** 2).sum() for t in task.shared))
+
+
+def stop_threshold(task: AttackTask, stop_distance: float, stop_relative: float) -> float:
+    """The distance at or below which an attack on ``task`` stops: the larger of the absolute and the
+    relative rule (0: run every step)."""
+    return max(stop_distance, stop_relative * target_norm2(task) if stop_relative > 0 else 0.0)
+
+
+def stop_thresholds(tasks: Sequence[AttackTask], st: EngineSettings) -> torch.Tensor:
+    return torch.tensor([stop_threshold(t, st.stop_distance, st.stop_relative) for t in tasks], dtype=torch.float64)
+
+
 def _solve_group(tasks: list[AttackTask], st: EngineSettings, fixed_labels: LabelRule,
                  label_method: Callable[[AttackTask], str], monitors: list[Monitor | None]) -> list[Reconstruction]:
     with evaluating(tasks):
@@ -141,7 +223,8 @@ def _solve_group_in_eval_mode(tasks: list[AttackTask], st: EngineSettings, fixed
                               ) -> list[Reconstruction]:
     first = tasks[0]
     labels = [fixed_labels(t) for t in tasks]
-    objective = build_objective(tasks, labels, compile=st.compile)
+    budget = len(tasks) * st.steps * st.max_iter
+    objective = build_objective(tasks, labels, compile=fast_path(st.compile, budget))
     onehot = objective.onehot
     device = next(first.model.parameters()).device
     dtype = next(first.model.parameters()).dtype
@@ -173,10 +256,12 @@ def _solve_group_in_eval_mode(tasks: list[AttackTask], st: EngineSettings, fixed
             monitors[inst](step, images[0].detach(), lab)
 
     optimiser = BatchedLBFGS(steps=st.steps, lr=st.lr, max_iter=st.max_iter, history_size=st.history_size,
-                             slots=st.slots, stop_loss=st.stop_distance, restarts=st.restarts,
+                             slots=auto_slots(tasks, st.history_size, x0.shape[1]) if st.slots == "auto" else st.slots,
+                             stop_loss=stop_thresholds(tasks, st).to(device, dtype),
+                             restarts=st.restarts,
                              fresh_each_step=mask_fn is not None, gradient_mask=mask_fn,
                              idle_limit=n if mask_fn is not None else 1, stall_window=st.stall_window,
-                             native=st.native, tolerance_grad=st.tolerance_grad,
+                             native=fast_path(st.native, budget), tolerance_grad=st.tolerance_grad,
                              tolerance_change=st.tolerance_change)
     result = optimiser.minimize(objective, x0, reinit=reinit if st.restarts else None,
                                 on_step=on_step if any(m is not None for m in monitors) else None)

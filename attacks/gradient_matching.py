@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -132,6 +133,18 @@ def run_steps(runs: list[LBFGSRun], steps: int, schedule: Callable[[int], int],
     return taken
 
 
+_warned_compile: list[bool] = []
+
+
+def _compile_unavailable(exc: Exception) -> None:
+    """Says once per process that the engine runs eagerly because torch.compile failed here."""
+    if not _warned_compile:
+        _warned_compile.append(True)
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {first_line}); the engine runs "
+                      "its objective eagerly (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
 # compiled sizes: powers of two from 16 instances. Every batch is padded up to one: a compiled tick's
 # cost is mostly fixed at these sizes (LeNet on the speed benchmark's CPU: 6.4 ms at 16, 10.3 ms at 32,
 # 18.9 ms at 64), so even a batch of one padded to 16 beats eager mode (7.7 ms), and 17 padded to 32
@@ -183,6 +196,37 @@ def _unfold_thin_convolutions(model: nn.Module) -> nn.Module:
     return model
 
 
+def output_head(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
+                ) -> tuple[nn.Module, str, str] | None:
+    """(the model without its output layer, the output layer's weight name, its bias name) when the model
+    ends in a biased ``nn.Linear`` onto the classes that is applied to the rest's output and nothing
+    after it (checked on a random input), else None. Then a sample's output-weight gradient is the outer
+    product of the bias gradient and the layer's input, which ``BatchedGradientMatching`` exploits."""
+    names = [n for n, _ in model.named_parameters()]
+    heads = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.bias is not None
+             and m.out_features == num_classes and names[-2:] == [f"{n}.weight", f"{n}.bias"]]
+    if not heads or not heads[0][0]:
+        return None
+    name, head = heads[0]
+    body = copy.deepcopy(model)
+    parent, _, child = name.rpartition(".")
+    setattr(body.get_submodule(parent) if parent else body, child, nn.Identity())
+    body.eval()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(head.weight)
+            features = body(x)
+            same = (features.ndim == 2 and features.shape[1] == head.in_features
+                    and torch.allclose(head(features), model(x), rtol=1e-4, atol=1e-5))
+    except RuntimeError:  # a body whose output does not fit the head's matmul
+        same = False
+    finally:
+        model.train(was_training)
+    return (body, f"{name}.weight", f"{name}.bias") if same else None
+
+
 class BatchedGradientMatching:
     """The DLG objective of many independent instances in one vectorised program.
 
@@ -203,7 +247,7 @@ class BatchedGradientMatching:
                  targets: list[torch.Tensor], *, input_shape: tuple[int, ...], batch_size: int,
                  num_classes: int, onehot: torch.Tensor | None = None, compile: bool = False,
                  shared_weights: bool = False, distance: str = "l2", tv: float = 0.0,
-                 local: LocalTraining | None = None) -> None:
+                 local: LocalTraining | None = None, outer_product: bool = True) -> None:
         from torch.func import functional_call, grad, grad_and_value, vmap
 
         self._on_cpu = next(iter(params.values())).device.type == "cpu"
@@ -218,7 +262,47 @@ class BatchedGradientMatching:
         if distance not in ("l2", "cosine"):
             raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
 
+        # one sample, squared distance: the output layer's weight gradient a h^T (a the bias gradient, h the
+        # layer's input) is never formed, its distance to the target T being ||a||^2 ||h||^2 - 2 a.(T h)
+        # + ||T||^2 (||T||^2 once per target). With 100 classes that layer is 87% of lenet-zhu's
+        # parameters, and forming a h^T, its difference to T and their derivatives dominated the eager
+        # tick (124 -> 70 ms at 64 instances, one thread; compiled, inductor already fuses it: equal).
+        # The three terms cancel to the distance, so they are summed in float64: in float32 the
+        # cancellation would leave an error of about 6e-8 ||T||^2, near 4e-5 on CIFAR, the size of the
+        # distances a converging attack reaches.
+        head = output_head(model, input_shape, num_classes) if (
+            distance == "l2" and local is None and batch_size == 1 and outer_product) else None
+        self.outer_product = head is not None
+        if head is not None:
+            body, w_name, b_name = head
+            w_index = names.index(w_name)
+            wide = torch.float64 if targets[w_index].dtype in (torch.float32, torch.float16, torch.bfloat16) \
+                else targets[w_index].dtype
+            if wide == torch.float64 and targets[w_index].device.type == "mps":  # no float64 there
+                wide = torch.float32
+            t_wide = targets[w_index].to(wide)
+            self.targets = targets = [*targets, t_wide, (t_wide.flatten(1) ** 2).sum(1)]  # + T, ||T||^2 wide
+
+        def match_outer(p, bufs, target, row, labels):
+            x = row[:self.n_x].view(self.x_shape)
+            soft = labels if labels is not None else torch.softmax(row[self.n_x:].view(self.logit_shape), -1)
+            weight = p[w_name]
+            rest = {n: v for n, v in p.items() if n != w_name}
+
+            def training_loss(weights):
+                features = functional_call(body, ({n: v for n, v in weights.items() if n != b_name}, bufs), (x,))
+                logits = F.linear(features, weight, weights[b_name])
+                return soft_cross_entropy(logits, soft), features[0]
+
+            g, h = grad(training_loss, has_aux=True)(rest)
+            t_w, t_norm2 = target[-2], target[-1]
+            a, h = g[b_name].to(t_w.dtype), h.to(t_w.dtype)
+            value = ((a @ a) * (h @ h) - 2 * (a @ (t_w @ h)) + t_norm2).to(x.dtype)
+            return value + sum(((g[n] - t) ** 2).sum() for n, t in zip(names, target) if n != w_name)
+
         def match(p, bufs, target, row, labels):
+            if head is not None:
+                return match_outer(p, bufs, target, row, labels)
             x = row[:self.n_x].view(self.x_shape)
             soft = labels if labels is not None else torch.softmax(row[self.n_x:].view(self.logit_shape), -1)
 
@@ -255,7 +339,12 @@ class BatchedGradientMatching:
         # cpp_wrapper): measured on the speed benchmark's CPU, 8% less per call at 64 instances and
         # 10% at 32, and a 128-target stream went from 89.5 to 92.1 attacks/min
         options = {"cpp_wrapper": True} if self._on_cpu else None
-        self._compiled = torch.compile(self._fn, dynamic=False, options=options) if compile else None
+        self._compiled = None
+        if compile:
+            try:
+                self._compiled = torch.compile(self._fn, dynamic=False, options=options)
+            except Exception as exc:  # torch.compile unsupported here (e.g. this Python version)
+                _compile_unavailable(exc)
         self._picked: tuple[torch.Tensor, tuple] | None = None  # (ids, their per-instance tensors)
 
     @property
@@ -272,7 +361,15 @@ class BatchedGradientMatching:
                 ids = torch.cat([ids, ids[:1].expand(size - k)])
                 rows = torch.cat([rows, rows[:1].expand(size - k, -1)])
         params, buffers, targets, labels = self._per_instance(ids)
-        grads, values = fn(params, buffers, targets, rows, labels)
+        try:
+            grads, values = fn(params, buffers, targets, rows, labels)
+        except Exception as exc:
+            if fn is self._fn:
+                raise
+            # compiling failed (no C++ compiler, an unsupported operator): the same function eagerly
+            _compile_unavailable(exc)
+            self._compiled = None
+            return self(ids[:k], rows[:k])
         return values[:k].detach(), grads[:k].detach().contiguous()
 
     def scores(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .base import Attack
 from .batched_adam import BatchedAdam
 from .batched_lbfgs import DIVERGED
 from .dlg import analytic_labels, attacker_model, dummy_inputs
-from .engine import build_objective, evaluating, group_key, initial_row, restart_seed
+from .engine import build_objective, evaluating, fast_path, group_key, initial_row, restart_seed
 from .gradient_matching import matched_distance, total_variation
 
 #: fractions of the iterations after which the step size is multiplied by DECAY (Geiping et al. 2020,
@@ -77,7 +77,10 @@ class InvertingGradients(Attack):
               "'batched': every target and restart of a cell in one vectorised program; "
               "'reference': one torch.optim.Adam run at a time", choices=("batched", "reference")),
         Param("slots", int, 64, "batched engine: instances advanced together", low=1),
-        Param("compile", bool, False, "batched engine: torch.compile the objective (pays off on long runs)"),
+        Param("compile", bool, "auto",
+              "batched engine: torch.compile the objective; 'auto': when targets x restarts x steps reaches "
+              "engine.AUTO_MIN_EVALUATIONS (falls back to eager with one warning where it cannot compile)",
+              also=("auto",)),
     )
 
     @property
@@ -185,7 +188,8 @@ class InvertingGradients(Attack):
         x0 = x0.to(weight.device, weight.dtype)
         with evaluating(tasks):
             objective = build_objective(instances, [lab for lab, _ in labelled for _ in range(r)],
-                                        compile=self.compile, distance="cosine", tv=self.tv)
+                                        compile=fast_path(self.compile, len(instances) * self.steps),
+                                        distance="cosine", tv=self.tv)
 
             def on_step(inst: int, step: int, row: torch.Tensor) -> None:
                 task_index, restart = divmod(inst, r)

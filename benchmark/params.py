@@ -22,6 +22,7 @@ class Param:
     low: float | None = None  # inclusive bounds
     high: float | None = None
     nullable: bool = False
+    also: tuple = ()  # literal values accepted beside the type's (e.g. "auto" for a bool)
 
     @property
     def required(self) -> bool:
@@ -39,7 +40,7 @@ class Param:
             kind += f" >= {self.low}"
         elif self.high is not None:
             kind += f" <= {self.high}"
-        return kind + (" or null" if self.nullable else "")
+        return kind + (" or null" if self.nullable else "") + "".join(f" or {a!r}" for a in self.also)
 
     def coerce(self, value: Any, owner: str) -> Any:
         return self.check(value, f"{owner}: parameter {self.name!r}")
@@ -47,6 +48,8 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """``value`` converted to this parameter's type, or a one-line ConfigError naming ``where``."""
         bad = ConfigError(f"{where} = {value!r} is invalid; allowed: {self.allowed()}")
+        if any(type(value) is type(a) and value == a for a in self.also):
+            return value
         if value is None:
             if self.nullable:
                 return None

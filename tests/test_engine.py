@@ -1,7 +1,9 @@
 """The vectorised attack engine: a batched L-BFGS with per-instance state must follow, per instance,
 the trajectory of a separate ``torch.optim.LBFGS`` run (checked in float64, where rounding cannot hide
 a wrong formula), and the batched DLG family must reproduce the one-at-a-time attacks."""
+import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -263,6 +265,12 @@ def test_a_restarted_instance_is_judged_afresh_by_the_stall_rule():
     assert result.status[0] != "stalled" and float(result.loss[0]) < 1e-6
 
 
+# instance-for-instance comparisons run every step: the engine applies a stopping rule after each
+# evaluation, the one-at-a-time loop after each L-BFGS step, so with the default rules on they stop at
+# different points below the same threshold
+EVERY_STEP = {"stop_relative": 0.0, "stall_window": 0}
+
+
 def _tasks(dtype, batch_size, targets=3, size=8, one_model=False):
     data = load("digits", "test", image_size=size)
     tasks = []
@@ -283,7 +291,7 @@ def test_batched_dlg_family_reproduces_the_one_at_a_time_attack_in_float64(name,
     DLG's dummies of one target blow up to |x| ~ 60 where rounding differences grow ~100x per step, so
     it is compared over two steps (1e-9 apart there, 1e-4 after six)."""
     tasks = _tasks(torch.float64, batch_size)
-    params = {"steps": steps, "batch_size": batch_size}
+    params = {"steps": steps, "batch_size": batch_size, **EVERY_STEP}
     batched = ATTACKS.build(name, {**params, "slots": 2}).run(tasks)
     reference = ATTACKS.build(name, {**params, "engine": "reference"}).run(tasks)
     for b, r in zip(batched, reference):
@@ -298,7 +306,7 @@ def test_lbfgs_stopping_tolerances_reach_the_engine_and_the_reference_alike(tole
     """The attack's ``tolerance_grad``/``tolerance_change`` are torch.optim.LBFGS's: both engines stop
     where torch would (a huge gradient tolerance ends every step at its first evaluation: nothing moves)."""
     tasks = _tasks(torch.float64, 1)
-    params = {"steps": 4, **tolerances}
+    params = {"steps": 4, **tolerances, **EVERY_STEP}
     batched = ATTACKS.build("idlg", {**params, "slots": 2}).run(tasks)
     reference = ATTACKS.build("idlg", {**params, "engine": "reference"}).run(tasks)
     for b, r in zip(batched, reference):
@@ -316,8 +324,8 @@ def test_targets_of_one_model_share_unbatched_weights_and_match_the_reference():
     tasks = _tasks(torch.float64, 1, one_model=True)
     assert engine._same_weights([t.model for t in tasks])
     assert not engine._same_weights([t.model for t in _tasks(torch.float64, 1)])
-    batched = ATTACKS.build("idlg", {"steps": 6}).run(tasks)
-    reference = ATTACKS.build("idlg", {"steps": 6, "engine": "reference"}).run(tasks)
+    batched = ATTACKS.build("idlg", {"steps": 6, **EVERY_STEP}).run(tasks)
+    reference = ATTACKS.build("idlg", {"steps": 6, "engine": "reference", **EVERY_STEP}).run(tasks)
     for b, r in zip(batched, reference):
         assert torch.allclose(b.images, r.images, atol=1e-7, rtol=0)
 
@@ -407,3 +415,142 @@ def test_the_objective_gathers_per_instance_tensors_again_when_the_batch_changes
         values, grads = objective(ids, rows[:len(ids)])
         fresh_values, fresh_grads = build()(ids, rows[:len(ids)])
         assert torch.equal(values, fresh_values) and torch.equal(grads, fresh_grads)
+
+
+def _objectives(classes, dtype, onehot, targets, **kw):
+    """The same objective with and without the output layer's outer-product shortcut."""
+    from leakbench.attacks.gradient_matching import BatchedGradientMatching
+
+    model = build_model("lenet-zhu", (3, 8, 8), classes, seed=0).to(dtype)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shared = targets(params)
+    return [BatchedGradientMatching(model, params, {}, shared, input_shape=(3, 8, 8), batch_size=1,
+                                    num_classes=classes, shared_weights=True, onehot=onehot, outer_product=op, **kw)
+            for op in (True, False)], model
+
+
+@pytest.mark.parametrize("fixed_labels", [True, False], ids=["labels-given", "labels-optimised"])
+def test_the_outer_product_distance_is_the_plain_distance_in_float64(fixed_labels):
+    """The output layer's weight gradient a h^T is never formed; its distance to the target, and that
+    distance's gradient w.r.t. the dummies, equal the plain computation's (float64, 100 classes, random
+    targets that are not outer products themselves, as a noised update's are not)."""
+    g = torch.Generator().manual_seed(0)
+    onehot = F.one_hot(torch.tensor([3, 97, 50]), 100).double() if fixed_labels else None
+    (fast, plain), _ = _objectives(100, torch.float64, onehot, lambda params: [
+        torch.randn(3, *p.shape, generator=g, dtype=torch.float64) * 0.05 for p in params.values()])
+    assert fast.outer_product and not plain.outer_product
+    ids, rows = torch.arange(3), torch.randn(3, fast.width, generator=g, dtype=torch.float64)
+    (v1, g1), (v0, g0) = fast(ids, rows), plain(ids, rows)
+    torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.scores(ids, rows), v0, rtol=1e-12, atol=1e-12)
+
+
+def test_the_outer_product_distance_has_no_cancellation_error_in_float32():
+    """At the true input the three terms cancel (||T||^2 about 100 here); summed in float64 they leave
+    the plain computation's rounding, not float32's 6e-8 ||T||^2."""
+    from leakbench.threat import parameter_gradients
+
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    onehot = F.one_hot(torch.tensor([7]), 100).float()
+    model = build_model("lenet-zhu", (3, 8, 8), 100, seed=0)
+    shared = [t.detach()[None] for t in parameter_gradients(model, x, onehot)]
+    (fast, _plain), _ = _objectives(100, torch.float32, onehot[None], lambda params: shared)
+    norm2 = sum(float((t ** 2).sum()) for t in shared)
+    value, _ = fast(torch.zeros(1, dtype=torch.long), x.flatten()[None])
+    assert norm2 > 1 and abs(float(value)) < 1e-9 * norm2
+
+
+def test_the_outer_product_is_used_only_where_it_is_exact():
+    """Batches of several samples, the cosine distance, or a model not ending in a biased linear layer
+    on the classes take the plain path."""
+    from leakbench.attacks.gradient_matching import output_head
+
+    assert output_head(build_model("lenet-zhu", (3, 8, 8), 10, seed=0), (3, 8, 8), 10) is not None
+    (fast, _), _ = _objectives(10, torch.float32, None, lambda params: [torch.zeros(2, *p.shape) for p in params.values()],
+                               distance="cosine")
+    assert not fast.outer_product
+
+    class Scaled(torch.nn.Module):  # something after the last layer: the shortcut would be wrong
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return 2 * self.fc(x.flatten(1))
+
+    assert output_head(Scaled(), (4,), 3) is None
+
+
+def test_compile_and_native_follow_the_evaluation_budget_at_auto():
+    from leakbench.attacks.engine import AUTO_MIN_EVALUATIONS, fast_path
+    from leakbench.errors import ConfigError
+
+    assert not fast_path("auto", AUTO_MIN_EVALUATIONS - 1) and fast_path("auto", AUTO_MIN_EVALUATIONS)
+    assert fast_path(True, 1) and not fast_path(False, 10 ** 9)
+    for name in ("dlg", "idlg", "dlg-batched", "inverting-gradients"):
+        attack = ATTACKS.build(name, {})
+        assert attack.compile == "auto" and getattr(attack, "native", "auto") == "auto"
+    assert ATTACKS.build("dlg", {"compile": True, "native": False}).compile is True
+    with pytest.raises(ConfigError, match="'compile' = 'yes' is invalid; allowed: true or false or 'auto'"):
+        ATTACKS.build("dlg", {"compile": "yes"})
+
+
+def test_an_objective_that_cannot_compile_warns_once_and_runs_eagerly(monkeypatch):
+    from leakbench.attacks import gradient_matching as gm
+
+    def broken_compile(fn, **kw):
+        def call(*args):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(gm, "_warned_compile", [])
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    targets = lambda params: [torch.randn(2, *p.shape) * 0.01 for p in params.values()]  # noqa: E731
+    (eager, _), _ = _objectives(10, torch.float32, None, targets)
+    (first, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
+    (second, _), _ = _objectives(10, torch.float32, None, lambda params: eager.targets[:len(params)], compile=True)
+    rows = torch.randn(2, eager.width)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [first(torch.arange(2), rows), second(torch.arange(2), rows)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and re.match(r"torch.compile unavailable .*no C\+\+ compiler", messages[0])
+    for value, _grad in results:
+        torch.testing.assert_close(value, eager(torch.arange(2), rows)[0])
+
+
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_the_relative_stop_ends_each_target_at_its_own_threshold(engine):
+    """stop_relative r stops a target once its distance is below r ||shared update||^2: the same rule in
+    the engine and the one-at-a-time loop, each target against its own update's norm."""
+    from leakbench.attacks.engine import target_norm2
+
+    tasks = _tasks(torch.float32, 1, targets=3)
+    rel = 1e-4
+    recs = ATTACKS.build("idlg", {"steps": 200, "stop_relative": rel, "engine": engine}).run(tasks)
+    full = ATTACKS.build("idlg", {"steps": 200, "engine": engine}).run(tasks)
+    stopped = [i for i, (r, f) in enumerate(zip(recs, full)) if r.steps < f.steps]
+    assert stopped, "no target reached its threshold"
+    for i in stopped:
+        assert recs[i].grad_distance < rel * target_norm2(tasks[i])
+    thresholds = sorted(rel * target_norm2(t) for t in tasks)
+    assert thresholds[-1] > 1.5 * thresholds[0]  # the targets' thresholds differ: a per-target rule
+
+
+def test_auto_slots_follow_the_models_memory():
+    """lenet-zhu on CIFAR-sized targets fills the 64 slots; resnet20-sigmoid, whose evaluation keeps
+    about 90 MB per instance alive at batch 1 and 290 MB at batch 4, gets fewer (power-of-two) slots,
+    fewer still at batch 4, and always at least one."""
+    from leakbench.attacks.engine import SLOT_MEMORY_BUDGET, auto_slots
+
+    def task(model_name, batch):
+        model = build_model(model_name, (3, 32, 32), 10, seed=0)
+        return AttackTask(model=model, shared=[torch.zeros_like(p) for p in model.parameters()],
+                          input_shape=(3, 32, 32), num_classes=10, batch_size=batch, seed=0)
+
+    width = 3 * 32 * 32 + 10
+    lenet, resnet1, resnet4 = (auto_slots([task(m, b)], 100, b * width)
+                               for m, b in (("lenet-zhu", 1), ("resnet20-sigmoid", 1), ("resnet20-sigmoid", 4)))
+    assert lenet == 64 and 1 <= resnet4 < resnet1 < 64
+    assert resnet1 * 90 * 2 ** 20 <= SLOT_MEMORY_BUDGET and all(k & (k - 1) == 0 for k in (resnet1, resnet4))
