@@ -97,6 +97,10 @@ def test_v3_adds_inverting_gradients_a_fedavg_setting_and_membership_inference(n
         assert attack_key(record) == f"{cell.attack.name}.fedavg"
         assert attack_of_key(attack_key(record)) == cell.attack.name
     assert len({attack_key({"attack": c.attack.name, "threat": dict(c.grid.threat)}) for c in cells}) == len(cells)
+    # the protocol states its stop rules rather than inheriting defaults that a later version may change
+    for cell in cells:
+        if cell.attack.name in ("dlg", "idlg", "dlg-batched"):
+            assert (cell.attack.params["stop_relative"], cell.attack.params["stall_window"]) == (0.0, 0)
 
 
 def test_v2_protocols_train_every_part_with_one_recipe():
