@@ -30,7 +30,10 @@ setting's name upper-cased with '-' as '_', e.g. LEAKBENCH_FASTPATH_RESNET20_B4_
 the longest engine stream (lenet-dlg's every-step row takes half of it). The defaults are in SETTINGS
 below: lenet-dlg keeps the sizes of the run measured in the README (23 minutes); the others are sized
 from their FLOPs per evaluation to take a few minutes per row at one thread on the 2-core machine, far
-below the papers' iteration counts (so their success rates are not the papers'): resnet20-sigmoid
+below the papers' iteration counts (so their success rates are not the papers'), and not always at
+the engine's default slots (the table's last column: the default, and in brackets the instances
+live at once; the memory column is the default's only where the two agree, e.g. resnet20-sigmoid at
+batch 1 needs LEAKBENCH_FASTPATH_RESNET20_B1_TARGETS=16): resnet20-sigmoid
 (4.4 GFLOP per evaluation at batch 1, 400 times lenet-zhu's 11 MFLOP) at 40 L-BFGS steps with 2
 reference and 8 engine targets at batch 1, 15 steps with 2 and 4 at batch 4; dlg-batched at 600 cyclic
 steps, 4 and 32 targets; Inverting Gradients at 500 iterations, 8 and 64 targets.
@@ -56,6 +59,7 @@ targets); a plain dlg on 128 targets 12.98 (5.8x, 86/128; 47/64 on targets 100-1
 evaluations per attack against 3,868, 3.8% of a 124 GFLOP/s matmul peak, 0.5 GB resident memory added.
 The other settings are not measured yet.
 """
+import math
 import os
 import threading
 import time
@@ -66,6 +70,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from leakbench.attacks.dlg import analytic_labels, attacker_model, dummy_inputs
+from leakbench.attacks.engine import auto_slots
 from leakbench.attacks.gradient_matching import (
     gradient_distance,
     matched_distance,
@@ -188,6 +193,16 @@ def recovered(setting: Setting, result, x, y) -> bool:
     return max(score_reconstruction(result.images.clamp(0, 1), x, None, y, metrics=("mse",))["mse"]) < 1e-3
 
 
+def engine_slots(attack, tasks) -> int:
+    """The instances one engine program advances together: the attack's slots, or what 'auto' picks for
+    these tasks (the engine's own rule), so that the memory column can be read against the default."""
+    if attack.slots != "auto":
+        return attack.slots
+    task = tasks[0][0]
+    width = task.batch_size * (math.prod(task.input_shape) + task.num_classes)  # images and label logits
+    return auto_slots([t for t, _, _ in tasks], attack.history_size, width)
+
+
 def measure(benchmark, setting: Setting, label: str, params: dict, tasks):
     steps = setting.size("steps")
     attack = ATTACKS.build(setting.attack, {"steps": steps, "batch_size": setting.batch, **params})
@@ -203,6 +218,8 @@ def measure(benchmark, setting: Setting, label: str, params: dict, tasks):
             "on_reference_targets": f"{sum(hits[:first])}/{min(first, len(tasks))}",
             "evals_per_attack": round(evals / len(tasks)), "ms_per_eval": round(1000 * seconds / max(evals, 1), 3),
             "peak_rss_added_mb": round((rss.peak - rss.base) / 2 ** 20)}
+    if label != "reference":
+        info["slots"] = engine_slots(attack, tasks)
     reference = RESULTS.get(f"{setting.name}: reference")
     if reference is not None and label != "reference":
         info["speedup"] = round(info["attacks_per_minute"] / reference["attacks_per_minute"], 1)
@@ -284,8 +301,8 @@ def test_summary():
     print("| setting | run | targets | steps | attacks/min | reference attacks/min | speed-up | success "
           "| 95% interval | reference success | reference 95% interval | intervals overlap "
           "| on the reference's targets | evals/attack | reference evals/attack | ms/eval | peak fraction "
-          "| peak RSS added |")
-    print("|---" * 18 + "|")
+          "| peak RSS added | slots (live) |")
+    print("|---" * 19 + "|")
     for label, info in RESULTS.items():
         reference = RESULTS.get(f"{info['setting']}: reference")
         if reference is None or reference is info:
@@ -296,4 +313,5 @@ def test_summary():
               f"| {info['success']} | {percent(info['ci95'])} | {reference['success']} "
               f"| {percent(reference['ci95'])} | {'yes' if overlap else 'no'} | {info['on_reference_targets']} "
               f"| {info['evals_per_attack']} | {reference['evals_per_attack']} | {info['ms_per_eval']} "
-              f"| {info.get('peak_fraction', '')} | {info['peak_rss_added_mb']} MB |")
+              f"| {info.get('peak_fraction', '')} | {info['peak_rss_added_mb']} MB "
+              f"| {info['slots']} ({min(info['slots'], info['targets'])}) |")
