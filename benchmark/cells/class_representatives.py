@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..run.grid import Cell, Grid
 
 ORACLE_FRACTION = 0.3  # of the training split: the oracle's data, never given to any participant
-TRACE_REFERENCES = 16  # real images of each class that per-round scores compare with (the final: the rule's)
+TRACE_REFERENCES = 128  # real images that per-round scores compare with (the final score: the rule's)
 
 
 class ClassRepresentativeCells(CellKind):

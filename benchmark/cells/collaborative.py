@@ -61,9 +61,11 @@ class CollaborativeCells(ClassRepresentativeCells):
         rule = grid.gan_verdict
         calibration = ssim_calibration(context, cell, train, attack.target_class)
 
-        # the per-round trace compares with fewer images of each class (nearest-neighbour SSIM against the
-        # rule's references_per_class of ten classes costs tens of seconds per round); the final score uses them
-        trace_rule = dataclasses.replace(rule, references_per_class=min(rule.references_per_class, TRACE_REFERENCES))
+        # the per-round trace compares with fewer images (nearest-neighbour SSIM against the rule's
+        # references_per_class costs seconds per round): 128 of the class, or split among all classes when the
+        # relative condition compares with every class; the final score uses the rule's
+        per_class = TRACE_REFERENCES // train.num_classes if rule.relative else TRACE_REFERENCES
+        trace_rule = dataclasses.replace(rule, references_per_class=min(rule.references_per_class, per_class))
 
         def round_score(samples: torch.Tensor) -> dict[str, Any]:
             # the calibrated cutoff was measured against more references: against these it is a bit strict
