@@ -174,6 +174,18 @@ def test_leak_rule_is_configurable():
                                  nn_ssim=torch.tensor([0.6, 0.4, 0.9, 0.9, 0.6]),
                                  mean_ssim=torch.tensor([0.5, 0.3, 0.5, 0.5, 0.7]), min_ssim=rule.threshold(None))
     assert conditions["leaks"].tolist() == [True, False, False, False, False]
+    # relative: below the bar (0.4 < 0.5) but nearer a real 3 than any image of another class (0.3)
+    relative = LeakRule.from_config({"min_ssim": 0.5, "relative": True}).conditions(
+        confidence=torch.tensor([0.9, 0.9]), assigned=torch.tensor([True, True]),
+        nn_ssim=torch.tensor([0.4, 0.4]), mean_ssim=torch.tensor([0.3, 0.3]), min_ssim=0.5,
+        other_class_ssim=torch.tensor([0.3, 0.45]))
+    assert relative["nearest_class"].tolist() == [True, False] and relative["leaks"].tolist() == [True, False]
+    no_relative = LeakRule.from_config({"min_ssim": 0.5, "relative": False}).conditions(
+        confidence=torch.tensor([0.9]), assigned=torch.tensor([True]), nn_ssim=torch.tensor([0.4]),
+        mean_ssim=torch.tensor([0.3]), min_ssim=0.5, other_class_ssim=torch.tensor([0.3]))
+    assert not no_relative["leaks"].any()
+    with pytest.raises(ConfigError):
+        LeakRule.from_config({"references_per_class": 0})
     assert rule.defended(0.1) and not rule.defended(0.2)
     assert LeakRule.from_config(None).calibrated and LeakRule.from_config({"min_ssim": "auto"}).calibrated
     with pytest.raises(ConfigError):

@@ -11,7 +11,7 @@ import yaml
 from leakbench.registry import METRICS
 from leakbench.run.grid import load_grid
 from leakbench.run.runner import Runner, RunOptions
-from leakbench.scoring.class_leak import calibrate_min_ssim, score_samples
+from leakbench.scoring.class_leak import LeakRule, calibrate_min_ssim, score_samples
 from leakbench.scoring.ssim import pairwise_ssim
 from leakbench.training import evaluate
 
@@ -45,7 +45,7 @@ def test_calibration_is_measured_from_the_data_and_used_by_the_verdict(gan_digit
     assert scored["min_ssim"] == calibration.threshold and scored["leak_rate"] >= 0.8
     assert f"{calibration.threshold:.3f}" in scored["verdict_rule"]
     above = dataclasses.replace(calibration, threshold=scored["nn_ssim_distribution"]["max"] + 0.01)
-    assert score_samples(real, target_class=TARGET, oracle=oracle, references=pool,
+    assert score_samples(real, target_class=TARGET, oracle=oracle, references=pool, rule=LeakRule(relative=False),
                          calibration=above)["leak_rate"] == 0.0
     with pytest.raises(ValueError, match="calibration"):
         score_samples(real, target_class=TARGET, oracle=oracle, references=pool)

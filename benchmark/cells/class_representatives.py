@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..run.grid import Cell, Grid
 
 ORACLE_FRACTION = 0.3  # of the training split: the oracle's data, never given to any participant
-TRACE_REFERENCES = 128  # real images of the target class that per-round scores compare against
+TRACE_REFERENCES = 128  # real images that per-round scores compare with (the final score: the rule's)
 
 
 class ClassRepresentativeCells(CellKind):
@@ -86,6 +86,7 @@ def ssim_calibration(context: CellContext, cell: "Cell", pool, target_class: int
         return None
     key_obj = {"dataset": cell.dataset.as_dict(), "seed": cell.seed, "target_class": target_class,
                "percentile": rule.percentile, "images": rule.calibration_images, "oracle_fraction": ORACLE_FRACTION,
+               "references_per_class": rule.references_per_class,
                "data_dir": context.data_key, "version": CALIBRATION_VERSION}
     key = ("ssim-calibration", config_hash(key_obj))
     if key not in context.memo:

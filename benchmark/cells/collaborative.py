@@ -61,15 +61,16 @@ class CollaborativeCells(ClassRepresentativeCells):
         rule = grid.gan_verdict
         calibration = ssim_calibration(context, cell, train, attack.target_class)
 
-        # the per-round trace compares against a fixed subset of the class (nearest-neighbour SSIM against
-        # all of MNIST's ~1,200 images of a class costs seconds per round); the final score uses them all
-        of_class = (train.labels == attack.target_class).nonzero().flatten()[:TRACE_REFERENCES]
-        trace_references = train.subset(of_class)
+        # the per-round trace compares with fewer images (nearest-neighbour SSIM against the rule's
+        # references_per_class costs seconds per round): 128 of the class, or split among all classes when the
+        # relative condition compares with every class; the final score uses the rule's
+        per_class = TRACE_REFERENCES // train.num_classes if rule.relative else TRACE_REFERENCES
+        trace_rule = dataclasses.replace(rule, references_per_class=min(rule.references_per_class, per_class))
 
         def round_score(samples: torch.Tensor) -> dict[str, Any]:
-            # the calibrated cutoff was measured against all references: against this subset it is a bit strict
-            s = score_samples(samples, target_class=attack.target_class, oracle=oracle, references=trace_references,
-                              rule=rule, calibration=calibration)
+            # the calibrated cutoff was measured against more references: against these it is a bit strict
+            s = score_samples(samples, target_class=attack.target_class, oracle=oracle, references=train,
+                              rule=trace_rule, calibration=calibration)
             return {k: s[k] for k in ("oracle_accuracy", "nn_ssim", "leak_rate")}
 
         result = attack.run_collaborative(protocol=protocol, train=train, test=protocol_test, defense=defense,

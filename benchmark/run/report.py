@@ -148,7 +148,11 @@ def verdict_notes(records: list[dict], summary: pd.DataFrame) -> list[str]:
             rounds = undefended[0]["metrics"].get("rounds")
             why += (f"{f' after {rounds} rounds' if rounds else ''}: the oracle takes {conditions['oracle']:.0%} "
                     f"of its samples for the class, {conditions['similar']:.0%} reach the SSIM bar "
-                    f"({undefended[0]['verdict']['threshold']:.3f}), {conditions['not_class_mean']:.0%} look more "
+                    f"({undefended[0]['verdict']['threshold']:.3f}), "
+                    # the relative condition's share, where the rule had it on (0 otherwise)
+                    + (f"{conditions['nearest_class']:.0%} are nearer a real image of the class than of any "
+                       f"other, " if conditions.get("nearest_class") else "")
+                    + f"{conditions['not_class_mean']:.0%} look more "
                     f"like a real image than like the class mean")
         lines.append(f"{NO_VERDICT} {row['attack']} on {row['dataset']} / {row['model']}: no verdict, {why}.")
     shown = set()
